@@ -1,0 +1,150 @@
+"""
+bench.py: R2R's speed at batch size 1, against LLM only and against the ideal that its
+own parts allow.
+
+    python bench.py                                   # the demo pair on this machine
+    python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
+
+For each of SLM only, LLM only and R2R it decodes the same prompts and reports ms per new
+token. The ideal R2R time is built from parts measured on their own: an SLM step and a
+router call for every token, plus one LLM catch-up pass for each LLM call at the gap length
+it really had. measured / ideal near 1 means the loop adds little beyond the models.
+With --pair NAME the models are randomly initialised from published configs, and a random
+router sends --share of the tokens to the LLM (the paper's R1-1.5B + R1-32B: about 13%).
+Warm-up runs first; on a GPU every clock is read after a synchronize.
+"""
+import argparse
+import os
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+import r2r
+
+# Published configs (the models' config.json, the fields that set their cost).
+QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
+QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0,
+             max_position_embeddings=40960)
+CONFIGS = {
+    "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                    intermediate_size=8960, tie_word_embeddings=False),
+    "r1-32b": dict(QWEN2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                   intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=3072, tie_word_embeddings=True),
+    "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=12288, tie_word_embeddings=False),
+}
+PAIRS = {"r1-1.5b+32b": ("r1-1.5b", "r1-32b"), "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b")}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps):
+    """Mean seconds per call of fn(), after one warm-up call."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def random_pair(name, device, dtype):
+    """SLM and LLM of a published pair with random weights; a stand-in tokenizer object
+    whose length is the shared vocabulary (no text is decoded)."""
+    models = []
+    for key in PAIRS[name]:
+        torch.manual_seed(0)
+        cfg = dict(CONFIGS[key])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device(device):
+            models.append(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
+    return models[0], models[1], type("Vocab", (), {"__len__": lambda self: 151643})()
+
+
+@torch.no_grad()
+def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
+    """The parts, each timed alone: SLM step, router call, an LLM pass over g tokens after a
+    cache of prompt length for every gap length g that R2R's LLM calls had, and the LLM's
+    prompt prefill, which each prompt's first LLM call also does."""
+    ids = torch.zeros(1, prompt_len, dtype=torch.long, device=device)
+
+    def step(model, g):
+        cache = DynamicCache()
+        r2r.forward(model, ids, cache)
+        return lambda: (r2r.forward(model, ids[:, :g], cache), cache.crop(g))
+
+    slm_s = timed(step(slm, 1), device, reps)
+    H, k = router.config.get("hidden_size", slm.config.hidden_size), router.config["top_k"]
+    feats = (torch.randn(1, H, device=device), torch.randn(1, k, device=device), torch.randn(1, H, device=device))
+    router_s = timed(lambda: torch.sigmoid(router(*feats)).item(), device, reps)
+    gaps = [max(g, 1) for t in traces for g in t.catch_up]
+    llm_s = {g: timed(step(llm, g), device, reps) for g in set(gaps)}
+    prefill_s = timed(lambda: r2r.forward(llm, ids, DynamicCache()), device, reps)
+    n, first_calls = sum(len(t.tokens) for t in traces), sum(bool(t.catch_up) for t in traces)
+    return n * (slm_s + router_s) + sum(llm_s[g] for g in gaps) + first_calls * prefill_s, slm_s, router_s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", default="demo", choices=["demo"] + list(PAIRS),
+                   help="demo: the shipped pair and router; else random weights of published sizes")
+    p.add_argument("--router", default=os.path.join(r2r.DEMO, "router"), help="router folder for --pair demo")
+    p.add_argument("--share", type=float, default=0.13, help="LLM share of the random router (published pairs)")
+    p.add_argument("--prompts", default=os.path.join(r2r.DEMO, "test.jsonl"), help="prompts for --pair demo")
+    p.add_argument("--n-prompts", type=int, default=20, help="prompts decoded per mode")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (published pairs: "
+                   "exactly this many, no EOS)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
+    p.add_argument("--reps", type=int, default=20, help="repetitions when timing each part")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
+    args = p.parse_args(argv)
+    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.reps) < 1:
+        raise r2r.R2RError("--share must lie in [0, 1]; counts must be at least 1")
+    device, dtype = r2r.pick_device(args.device, args.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if args.pair == "demo":
+        slm, llm, tok = r2r.load_pair(os.path.join(r2r.DEMO, "slm"), os.path.join(r2r.DEMO, "llm"), device, dtype)
+        router = r2r.load_router(args.router, slm, tok, device)
+        rows = r2r.read_prompts(args.prompts, limit=args.n_prompts)
+        prompts, eos = [r2r.encode_prompt(tok, r["prompt"]) for r in rows], None
+    else:
+        slm, llm, tok = random_pair(args.pair, device, dtype)
+        router = r2r.ConfidenceRouter("random", 100, 1 - args.share, gen)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, len(tok), (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
+        eos = set()  # random weights: decode exactly --max-new-tokens
+    print(f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
+          f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, batch size 1")
+
+    def run(mode):
+        r2r.decode(slm, llm, router, tok, prompts[0], 8, mode, eos=eos, generator=gen)  # warm-up
+        traces = [r2r.decode(slm, llm, router, tok, pr, args.max_new_tokens, mode, eos=eos, generator=gen)
+                  for pr in prompts]
+        n, s = sum(len(t.tokens) for t in traces), sum(t.seconds for t in traces)
+        return traces, 1000 * s / n, n
+
+    results = {mode: run(mode) for mode in ("slm", "llm", "r2r")}
+    traces, r2r_ms, n = results["r2r"]
+    ideal, slm_s, router_s = ideal_seconds(slm, llm, router, traces, len(prompts[0]), device, args.reps)
+    calls = [g for t in traces for g in t.catch_up]
+    share = sum(sum(t.from_llm) for t in traces) / n
+    print(f"SLM only  {results['slm'][1]:8.2f} ms/token")
+    print(f"LLM only  {results['llm'][1]:8.2f} ms/token   (LLM / SLM = {results['llm'][1] / results['slm'][1]:.1f}x)")
+    print(f"R2R       {r2r_ms:8.2f} ms/token   LLM share {share:.1%}, {len(calls)} LLM calls, mean catch-up "
+          f"{sum(calls) / max(len(calls), 1):.1f} tokens")
+    print(f"ideal R2R {1000 * ideal / n:8.2f} ms/token   (SLM step {1000 * slm_s:.2f} ms + router "
+          f"{1000 * router_s:.2f} ms per token, plus the LLM calls)")
+    print(f"measured / ideal = {r2r_ms / (1000 * ideal / n):.2f}; speedup over LLM only = "
+          f"{results['llm'][1] / r2r_ms:.2f}x")
+
+
+if __name__ == "__main__":
+    r2r.run_main(main)

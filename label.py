@@ -1,0 +1,321 @@
+"""
+label.py: R2R's automatic labeling (METHOD.md, Stage 1). Turns an SLM/LLM pair and some
+prompts into a token-level dataset: at every position of the LLM's greedy response, the
+router's features and whether the SLM's token there is identical, a neutral difference,
+or a divergent one (the reasoning changes).
+
+    python label.py                                   # demo pair, demo training prompts
+    python label.py --slm A --llm B --prompts data.jsonl --verifier Qwen/Qwen2.5-72B-Instruct
+
+Per chunk of prompts: 1. the LLM writes greedy responses; 2. one SLM pass over prompt +
+response gives features and the SLM's argmax at every position (a mismatch is an argmax
+that differs from the LLM's token); 3. from each mismatch the LLM continues greedily after
+the SLM's token, reusing its cached prefix; 4. a verifier calls each mismatch neutral or
+divergent. Each chunk is written atomically as one shard under --out/shards, so a killed
+run continues where it stopped. It does not train anything (train_router.py does).
+"""
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import datasets
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+import r2r
+
+PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}  # R1-1.5B vs R1-32B (METHOD.md)
+SENTENCE_END = re.compile(r"[.!?;\n]")
+
+# ----------------------------------------------------------------------------- the judge
+
+JUDGE_PROMPT = """Two continuations of the same reasoning share the context below and first differ at the point marked << >>.
+
+Context: ...{context}
+
+Sentence A: {a}
+Sentence B: {b}
+
+Does the difference change the meaning, reasoning, logic or conclusion (answer 1), or is it superficial, so that both reach the same conclusion (answer 0)?
+
+Example 1:
+Sentence A: Let's <<compute>> the sum first.
+Sentence B: Let's <<add>> the numbers first.
+Output: 0
+
+Example 2:
+Sentence A: So the area is <<12>> square units.
+Sentence B: So the area is <<15>> square units.
+Output: 1
+
+Output: 0 or 1"""
+
+
+def judge_prompt(context, a, b):
+    """The verifier's question (METHOD.md, Stage 1, step 4); `a` and `b` already carry the
+    << >> marks. Only the last 1000 characters of context are shown."""
+    return JUDGE_PROMPT.format(context=context[-1000:], a=a, b=b)
+
+
+def parse_judge(reply):
+    """'Output: 1' -> 1, 'output:0' -> 0; anything else -> None (dropped, never guessed)."""
+    m = re.findall(r"output\s*:\s*\**\s*([01])\b", reply, flags=re.IGNORECASE)
+    return int(m[-1]) if m else None
+
+# ----------------------------------------------------------------------------- the stages
+
+def pad_right(seqs, pad, device):
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def slm_positions(slm, tok, seqs, starts, k):
+    """Stage 2, teacher forcing: one batched SLM pass. For each sequence, at every response
+    position j (predicting token starts+j), the router features and the SLM's argmax.
+    Right padding leaves every real position's causal context untouched."""
+    ids, mask = pad_right(seqs, tok.pad_token_id, slm.device)
+    hidden, logits = r2r.forward(slm, ids, None, attention_mask=mask)  # (B, T, H), (B, T, V)
+    out = []
+    for i, (s, p) in enumerate(zip(seqs, starts)):
+        h, lg = hidden[i, p - 1:len(s) - 1], logits[i, p - 1:len(s) - 1, :len(tok)]  # (n, H), (n, V)
+        argmax = lg.argmax(-1)
+        h, topk, _ = r2r.router_inputs(slm, h, lg, argmax, k)
+        out.append((argmax.tolist(), h.cpu(), topk.cpu()))
+    return out
+
+
+@torch.no_grad()
+def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
+    """Stage 3: for each branch (sequence i, cut at n tokens, SLM token t) the LLM continues
+    greedily from seqs[i][:n] + [t]. The prefixes are not recomputed: one teacher-forced
+    LLM pass over all sequences fills a cache, and each branch takes its first n positions,
+    left-padded into a batch (positions keep their true values, padding is masked out).
+    `stop(tokens)` says when a branch is finished. Returns the branch tokens, [t, ...]."""
+    ids, mask = pad_right(seqs, tok.pad_token_id, llm.device)
+    full = DynamicCache()
+    llm.base_model(input_ids=ids, attention_mask=mask, past_key_values=full, use_cache=True)
+    results = []
+    for b0 in range(0, len(branches), batch_size):
+        batch = branches[b0:b0 + batch_size]
+        L = max(n for _, n, _ in batch)
+        cache = DynamicCache()
+        for layer, kv in enumerate(full.layers):
+            k, v = (torch.cat([torch.nn.functional.pad(x[i:i + 1, :, :n], (0, 0, L - n, 0)) for i, n, _ in batch])
+                    for x in (kv.keys, kv.values))  # (B, heads, L, head_dim), left-padded
+            cache.update(k, v, layer)
+        mask = torch.tensor([[0] * (L - n) + [1] * n for _, n, _ in batch], device=llm.device)  # (B, L)
+        last = torch.tensor([[t] for _, _, t in batch], device=llm.device)  # (B, 1)
+        pos = torch.tensor([[n] for _, n, _ in batch], device=llm.device)  # (B, 1)
+        outs, done = [[t] for _, _, t in batch], [stop(o) for o in [[t] for _, _, t in batch]]
+        for _ in range(max_new):
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones_like(last)], dim=1)
+            hidden, logits = r2r.forward(llm, last, cache, attention_mask=mask, position_ids=pos)
+            last, pos = logits[:, -1, :len(tok)].argmax(-1, keepdim=True), pos + 1
+            for o, t, i in zip(outs, last[:, 0].tolist(), range(len(outs))):
+                if not done[i]:
+                    o.append(t)
+                    done[i] = stop(o)
+        results += [(o, d) for o, d in zip(outs, done)]
+    return results
+
+
+def verify_by_answer(tok, response, j, branch):
+    """Same final answer from the LLM's own response and from the branch = neutral (0)."""
+    ref = r2r.extract_answer(tok.decode(response, skip_special_tokens=True))
+    alt = r2r.extract_answer(tok.decode(response[:j] + branch, skip_special_tokens=True))
+    return None if ref is None else int(alt != ref)
+
+
+def sentence_view(tok, response, j, branch, ends):
+    """(context, A, B) for the judge: the text before the sentence that holds position j,
+    then that sentence and the next from the LLM's response (A) and from the branch (B),
+    with the divergence point marked << >>."""
+    start = max([i + 1 for i in range(j) if response[i] in ends], default=0)
+
+    def sentences(tail):
+        cut = [i for i, t in enumerate(tail) if t in ends]
+        tail = tail[:cut[1] + 1] if len(cut) > 1 else tail
+        return tok.decode(response[start:j]) + " <<" + tok.decode(tail[:1]) + ">> " + tok.decode(tail[1:])
+
+    return tok.decode(response[:start]), sentences(response[j:]), sentences(branch)
+
+# ----------------------------------------------------------------------------- one chunk
+
+
+def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, times):
+    """All four stages for one chunk of prompts. Returns (rows of the dataset, counters)."""
+    stats = collections.Counter()
+    t = time.perf_counter()
+    # 1. The LLM's greedy responses, as token ids; only finished ones are labeled (METHOD.md).
+    responses = r2r.greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template)
+    keep = [(i, p, r) for i, (p, r, finished) in enumerate(responses) if finished]
+    stats["unfinished responses"] += len(rows) - len(keep)
+    times["1 LLM responses"] += time.perf_counter() - t
+    if not keep:
+        return [], stats
+    t = time.perf_counter()
+    # 2. Teacher-forced SLM pass: features and argmax at every response position.
+    seqs, starts = [p + r for _, p, r in keep], [len(p) for _, p, _ in keep]
+    slm_out = slm_positions(slm, tok, seqs, starts, args.top_k)
+    times["2 SLM features"] += time.perf_counter() - t
+    t = time.perf_counter()
+    # 3. Continue the LLM from every mismatch: to the end (answer check) or two sentences on (judge).
+    branches = [(b, starts[b] + j, s) for b, (argmax, _, _) in enumerate(slm_out)
+                for j, (s, l) in enumerate(zip(argmax, keep[b][2])) if s != l]
+    if judge is None:
+        stop, budget = (lambda o: o[-1] in eos), args.max_new_tokens
+    else:
+        stop, budget = (lambda o: sum(t in ends for t in o) >= 2 or o[-1] in eos), args.judge_span
+    cont = continue_branches(llm, tok, seqs, branches, stop, budget, args.batch_size)
+    times["3 continuations"] += time.perf_counter() - t
+    t = time.perf_counter()
+    # 4. Verify: neutral (0) or divergent (1); unverifiable mismatches are dropped and counted.
+    verdicts = {}
+    if judge is None:
+        for (b, n, _), (branch, finished) in zip(branches, cont):
+            j, response = n - starts[b], keep[b][2]
+            verdicts[b, j] = verify_by_answer(tok, response, j, branch) if finished else None
+    else:
+        judge_model, judge_tok = judge
+        views = [sentence_view(tok, keep[b][2], n - starts[b], branch, ends) for (b, n, _), (branch, _) in
+                 zip(branches, cont)]
+        replies = r2r.greedy_batch(judge_model, judge_tok, [judge_prompt(*v) for v in views], 16) if views else []
+        for (b, n, _), (_, reply, _) in zip(branches, replies):
+            verdicts[b, n - starts[b]] = parse_judge(judge_tok.decode(reply))
+    stats["verifier drops"] += sum(v is None for v in verdicts.values())
+    times["4 verifier"] += time.perf_counter() - t
+    out = collections.defaultdict(list)
+    for b, ((i, _, response), (argmax, hidden, topk)) in enumerate(zip(keep, slm_out)):
+        for j, (s, l) in enumerate(zip(argmax, response)):
+            if s != l and verdicts[b, j] is None:
+                continue
+            kind = "identical" if s == l else ("neutral", "divergent")[verdicts[b, j]]
+            for key, value in (("prompt_id", rows[i]["id"]), ("position", j), ("slm_token", s), ("llm_token", l),
+                               ("kind", kind), ("label", int(kind == "divergent")), ("hidden", hidden[j].tolist()),
+                               ("topk", topk[j].tolist())):
+                out[key].append(value)
+    return out, stats
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # models
+    p.add_argument("--slm", default=os.path.join(r2r.DEMO, "slm"), help="small model: hub name or local folder")
+    p.add_argument("--llm", default=os.path.join(r2r.DEMO, "llm"), help="large model sharing the SLM's tokenizer")
+    p.add_argument("--verifier", default="answer",
+                   help="'answer' compares final answers (exact; needs answers), else an instruction-tuned judge model")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
+    # data
+    p.add_argument("--prompts", default=os.path.join(r2r.DEMO, "train.jsonl"), help="JSON/JSONL file or hub dataset")
+    p.add_argument("--split", default="train", help="split of a hub dataset")
+    p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
+    p.add_argument("--answer-field", default="answer", help="field holding the answer (unused by the judge)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
+    p.add_argument("--limit", type=int, default=None, help="label only this many prompts")
+    p.add_argument("--seed", type=int, default=None, help="shuffle the prompts with this seed before --limit")
+    # work
+    p.add_argument("--out", default="labels", help="output folder; rerun with the same arguments to resume")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest LLM response; longer ones are dropped")
+    p.add_argument("--judge-span", type=int, default=64, help="most tokens a branch is continued for the judge")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per chunk and branches per batch; "
+                   "reduce if you run out of memory")
+    p.add_argument("--top-k", type=int, default=100, help="top-k logits stored as router features (paper: 100)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.judge_span < 1 or (args.limit or 1) < 1:
+        raise r2r.R2RError("--max-new-tokens, --judge-span, --batch-size and --limit must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, args.answer_field)
+    rows = [dict(r, id=i) for i, r in enumerate(rows)]
+    if args.seed is not None:
+        random.Random(args.seed).shuffle(rows)
+    rows = rows[:args.limit]
+    if args.verifier == "answer" and all(r["answer"] is None for r in rows):
+        raise r2r.R2RError(f"--verifier answer needs answers, and {args.prompts} has no '{args.answer_field}' "
+                           "field: name it with --answer-field or use a judge model")
+    device, dtype = r2r.pick_device(args.device, args.dtype)
+    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
+    judge = None
+    if args.verifier != "answer":
+        judge = (r2r.load_model(args.verifier, device, dtype), r2r._from_pretrained(r2r.AutoTokenizer, args.verifier))
+    args.top_k = min(args.top_k, len(tok))
+    # Resuming is only safe with the same arguments: they are kept beside the shards.
+    meta = dict(slm=args.slm, llm=args.llm, prompts=args.prompts, split=args.split, verifier=args.verifier,
+                n=len(rows), seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                top_k=args.top_k, chat=not args.no_chat_template, fingerprint=r2r.fingerprint(slm, tok))
+    shards = os.path.join(args.out, "shards")
+    os.makedirs(shards, exist_ok=True)
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f) != json.loads(json.dumps(meta)):
+                raise r2r.R2RError(f"{args.out} holds labels made with other arguments: use another --out or "
+                                   "delete it")
+    else:
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(meta_path + ".tmp", meta_path)
+    eos = r2r.eos_ids(llm)
+    ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | eos
+    times = collections.Counter()
+    chunks = range(0, len(rows), args.batch_size)
+    for c in tqdm(chunks, desc="label", unit="chunk"):
+        path = os.path.join(shards, f"{c // args.batch_size:05d}")
+        if os.path.exists(path):
+            continue  # finished by an earlier run
+        out, stats = label_chunk(slm, llm, tok, rows[c:c + args.batch_size], args, judge, eos, ends, times)
+        ds = datasets.Dataset.from_dict(out or {k: [] for k in FEATURES}, features=FEATURES)
+        shutil.rmtree(path + ".tmp", ignore_errors=True)  # left by a run killed mid-write
+        ds.save_to_disk(path + ".tmp")
+        with open(os.path.join(path + ".tmp", "stats.json"), "w") as f:
+            json.dump(stats, f)
+        os.replace(path + ".tmp", path)
+    summarize(args.out, tok, times)
+
+
+FEATURES = datasets.Features(dict(
+    prompt_id=datasets.Value("int64"), position=datasets.Value("int64"), slm_token=datasets.Value("int64"),
+    llm_token=datasets.Value("int64"), kind=datasets.Value("string"), label=datasets.Value("int64"),
+    hidden=datasets.Sequence(datasets.Value("float32")), topk=datasets.Sequence(datasets.Value("float32"))))
+
+
+def summarize(folder, tok, times):
+    ds = r2r.load_labels(folder)[1].select_columns(["prompt_id", "slm_token", "llm_token", "kind"])
+    stats = collections.Counter()
+    for s in sorted(os.listdir(os.path.join(folder, "shards"))):
+        with open(os.path.join(folder, "shards", s, "stats.json")) as f:
+            stats.update(json.load(f))
+    kinds = collections.Counter(ds["kind"])
+    n = max(len(ds), 1)
+    print(f"{len(ds)} positions from {len(set(ds['prompt_id']))} responses in {folder}")
+    for k in ("identical", "neutral", "divergent"):
+        print(f"  {k:9s} {kinds[k]:7d}  {kinds[k] / n:6.2%}   (paper: {PAPER_SHARES[k]:.0%})")
+    mism = kinds["neutral"] + kinds["divergent"]
+    print(f"  mismatches {mism} ({mism / n:.2%} of positions): {kinds['neutral'] / max(mism, 1):.0%} neutral, "
+          f"{kinds['divergent'] / max(mism, 1):.0%} divergent")
+    pairs = collections.Counter((tok.decode([r["slm_token"]]), tok.decode([r["llm_token"]])) for r in ds
+                                if r["kind"] == "neutral")
+    print("  commonest neutral (SLM / LLM): " + ", ".join(f"{a!r}/{b!r} {v}" for (a, b), v in pairs.most_common(6)))
+    print("  dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(stats.items())) or "nothing"))
+    print("  time per stage (this run): " + ", ".join(f"{k} {v:.0f}s" for k, v in sorted(times.items())))
+
+
+if __name__ == "__main__":
+    r2r.run_main(main)

@@ -1,0 +1,379 @@
+"""
+r2r.py: everything the R2R scripts share ("Roads to Rome", arXiv 2505.21600).
+
+label.py, train_router.py and generate.py import this module and nothing else of ours:
+loading an SLM/LLM pair and its tokenizer, device and dtype, prompts and the answer rule,
+the router (an MLP), the router's features, and the mixed decoding loop. It does not
+label, train or print reports; the scripts do.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = os.path.join(HERE, "demo")
+
+
+class R2RError(Exception):
+    """Bad input: the scripts print its message as one line and exit with status 2."""
+
+
+def run_main(main):
+    """Run a script's main(); bad input becomes one line on stderr, never a traceback."""
+    try:
+        main()
+    except R2RError as e:
+        raise SystemExit(f"error: {e}")
+
+# ----------------------------------------------------------------------------- device, models
+
+def pick_device(device=None, dtype=None):
+    """cuda, then mps, then cpu; bf16 on cuda, fp32 elsewhere. Prints the choice and why."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    print(f"device {device}, dtype {dtype} ({'--device/--dtype given' if device and dtype else 'auto'})")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def _from_pretrained(loader, path, **kw):
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise R2RError(f"no model folder at {path}: give a local folder or a hub name")
+    try:
+        return loader.from_pretrained(path, **kw)
+    except OSError as e:
+        raise R2RError(f"cannot load {path} ({str(e).splitlines()[0]}); with HF_HUB_OFFLINE=1 only local "
+                       "folders and models already in the hub cache load")
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32):
+    """Load SLM, LLM and the tokenizer they share. Tokenizers must agree id for id; the
+    lm_head may be padded differently within a family (METHOD.md, transformers notes), so
+    only the tokenizer's ids [0, len(tok)) are ever compared."""
+    tok, llm_tok = (_from_pretrained(AutoTokenizer, p) for p in (slm_path, llm_path))
+    if tok.get_vocab() != llm_tok.get_vocab():
+        raise R2RError(f"the tokenizers of {slm_path} and {llm_path} differ: R2R needs an SLM and LLM "
+                       "that share one tokenizer (same family, e.g. Qwen2.5-0.5B with Qwen2.5-7B)")
+    slm, llm = load_model(slm_path, device, dtype), load_model(llm_path, device, dtype)
+    for m, p in ((slm, slm_path), (llm, llm_path)):
+        if m.config.get_text_config().vocab_size < len(tok):
+            raise R2RError(f"{p} has fewer output rows than its tokenizer has ids ({len(tok)})")
+    return slm, llm, tok
+
+
+def eos_ids(*models):
+    """Every EOS id in the models' generation configs."""
+    ids = set()
+    for m in models:
+        e = m.generation_config.eos_token_id
+        ids.update([] if e is None else [e] if isinstance(e, int) else e)
+    return ids
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+# ----------------------------------------------------------------------------- prompts, answers
+
+def read_prompts(source, split="train", prompt_field="prompt", answer_field="answer", limit=None):
+    """Rows {"prompt", "answer"} from a local JSON/JSONL file or a HuggingFace dataset;
+    "answer" is None when the data has none."""
+    import datasets
+    datasets.disable_progress_bars()
+    try:
+        if os.path.isfile(source):
+            if not open(source).read(4096).strip():
+                raise R2RError(f"{source} holds no prompts")
+            ds = datasets.load_dataset("json", data_files=source, split="train")
+        elif source.endswith((".json", ".jsonl")):
+            raise R2RError(f"no prompts file at {source}")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, StopIteration) as e:
+        raise R2RError(f"cannot read prompts from {source} ({str(e).splitlines()[0]})")
+    if prompt_field not in ds.column_names:
+        raise R2RError(f"{source} has no field '{prompt_field}' (fields: {', '.join(ds.column_names)}); "
+                       "name the right one with --prompt-field")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise R2RError(f"{source} holds no prompts")
+    answers = ds[answer_field] if answer_field in ds.column_names else [None] * len(ds)
+    return [{"prompt": p, "answer": None if a is None else str(a)} for p, a in zip(ds[prompt_field], answers)]
+
+
+def encode_prompt(tok, text, chat=True):
+    """Token ids of a user prompt, through the tokenizer's chat template when it has one."""
+    if not text.strip():
+        raise R2RError("empty prompt: give some text with --prompt")
+    if chat and tok.chat_template:
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"])
+    return tok.encode(text)
+
+
+def extract_answer(text):
+    """The final answer of a response, or None. Takes the last \\boxed{...} (reasoning
+    models), else a number closing the text after "so"/"thus"/"answer" (the demo task);
+    spaces between digits are dropped: "... so 7 7 9 3" -> "7793"."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
+    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
+
+def load_labels(folder):
+    """A label.py folder: (its meta.json, every finished shard as one dataset)."""
+    import datasets
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        raise R2RError(f"no labels in {folder}: make them with label.py or pass --labels")
+    with open(path) as f:
+        meta = json.load(f)
+    shards = sorted(s for s in os.listdir(os.path.join(folder, "shards")) if not s.endswith(".tmp"))
+    if not shards:
+        raise R2RError(f"{folder} holds no finished chunk yet: run label.py to the end")
+    return meta, datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(folder, "shards", s))
+                                                for s in shards])
+
+# ----------------------------------------------------------------------------- model steps
+
+def forward(model, ids, cache=None, **kw):
+    """One pass of `model` over `ids` (B, T), extending `cache` in place (`kw`: attention
+    mask and position ids for padded batches).
+    Returns the last hidden state (B, T, H), the vector fed to lm_head (after the final
+    norm), and the logits (B, T, V). Taken from the base model rather than with
+    output_hidden_states=True, which would keep every layer (METHOD.md, transformers notes)."""
+    out = model.base_model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, **kw)
+    hidden = out.last_hidden_state  # (B, T, H)
+    return hidden, model.get_output_embeddings()(hidden)
+
+
+def router_inputs(slm, hidden, logits, tokens, k):
+    """The router's features (METHOD.md, Stage 2): SLM hidden state (N, H), its top-k logits
+    sorted descending (N, k), and the SLM's own input embedding of the token it is about to
+    emit (N, H). The one definition used teacher-forced (label.py) and step by step
+    (generate), so the router sees the same features in training and at inference."""
+    topk = logits.float().topk(k, dim=-1).values  # (N, k)
+    return hidden.float(), topk, slm.get_input_embeddings()(tokens).float()
+
+
+def pick(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next token from logits (V,): argmax when temperature is 0, else nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    p, idx = probs.sort(descending=True)
+    p[(p.cumsum(-1) - p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+    return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
+
+
+@torch.no_grad()
+def greedy_batch(model, tok, prompts, max_new_tokens, chat=True):
+    """Greedy responses to many prompts at once with model.generate (left padding).
+    Returns (prompt_ids, response_ids, finished) per prompt; a finished response ends with
+    the EOS token the model wrote."""
+    rows = [encode_prompt(tok, p, chat) for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    vocab = model.config.get_text_config().vocab_size
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id, suppress_tokens=list(range(len(tok), vocab)) or None)
+    eos, results = eos_ids(model), []
+    for r, new in zip(rows, out[:, T:].tolist()):
+        end = next((i for i, t in enumerate(new) if t in eos), None)
+        results.append((r, new if end is None else new[:end + 1], end is not None))
+    return results
+
+# ----------------------------------------------------------------------------- the router
+
+class Block(nn.Module):
+    """Pre-norm residual MLP block: x + Dropout(W2 GELU(W1 LayerNorm(x)))."""
+
+    def __init__(self, width, dropout):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return x + self.drop(self.down(F.gelu(self.up(self.norm(x)))))
+
+
+class Router(nn.Module):
+    """Scores one SLM step; a high score means "the LLM should write this token"
+    (METHOD.md, Stage 2). The authors use 6 blocks of width 1024 (about 56M parameters);
+    our defaults are far smaller and suit the demo pair."""
+
+    def __init__(self, hidden_size, top_k=100, width=256, n_blocks=2, dropout=0.1, threshold=0.5, slm=None):
+        super().__init__()
+        self.config = dict(hidden_size=hidden_size, top_k=top_k, width=width, n_blocks=n_blocks,
+                           dropout=dropout, threshold=threshold, slm=slm)
+        self.logit_proj = nn.Linear(top_k, hidden_size)
+        self.norm = nn.LayerNorm(3 * hidden_size)  # hidden states and logits live on very different scales
+        self.inp = nn.Linear(3 * hidden_size, width)
+        self.blocks = nn.Sequential(*[Block(width, dropout) for _ in range(n_blocks)])
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
+
+    @property
+    def threshold(self):
+        return self.config["threshold"]
+
+    def forward(self, hidden, topk, emb):
+        """(N, H), (N, k), (N, H) -> (N,) logits; sigmoid gives the routing score."""
+        x = torch.cat([hidden, self.logit_proj(topk), emb], dim=-1)  # (N, 3H)
+        return self.out(self.blocks(self.inp(self.norm(x)))).squeeze(-1)
+
+
+class ConfidenceRouter(nn.Module):
+    """The baselines the authors compare (METHOD.md): route by SLM entropy, by low top-1
+    probability, or at random, all read off the top-k logits (exact when k covers the
+    vocabulary). Same interface as Router, so every tool can swap one for the other."""
+
+    def __init__(self, kind, top_k, threshold=0.5, generator=None):
+        super().__init__()
+        self.kind, self.generator = kind, generator
+        self.config = dict(top_k=top_k, threshold=threshold)
+
+    threshold = Router.threshold
+
+    def forward(self, hidden, topk, emb):
+        return torch.logit(confidence_scores(topk, self.generator)[self.kind], eps=1e-6)
+
+
+def confidence_scores(topk, generator=None):
+    """(N, k) top-k logits -> scores in [0, 1], higher = less sure: normalised entropy,
+    1 - top-1 probability, and a uniform random draw."""
+    logp = F.log_softmax(topk.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1) / math.log(topk.shape[-1])
+    rand = torch.rand(topk.shape[0], generator=generator, device=topk.device)
+    return dict(entropy=entropy.clamp(0, 1), top1=1 - logp[:, 0].exp(), random=rand)
+
+
+def fingerprint(slm, tok):
+    """What a router must match in its SLM: hidden size and vocabulary, plus a hash of the
+    embedding table's first rows, which tells two SLMs of one shape apart."""
+    emb = slm.get_input_embeddings().weight[:8].detach().float().cpu().numpy().round(3).tobytes()
+    return dict(name=slm.config.name_or_path, hidden_size=slm.config.get_text_config().hidden_size,
+                vocab=len(tok), embedding_sha=hashlib.sha256(emb).hexdigest()[:16])
+
+
+def save_router(router, folder):
+    """A folder with model.safetensors and config.json, written atomically."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, os.path.join(folder, "model.tmp"))
+    with open(os.path.join(folder, "config.tmp"), "w") as f:
+        json.dump(router.config, f, indent=2)
+    os.replace(os.path.join(folder, "model.tmp"), os.path.join(folder, "model.safetensors"))
+    os.replace(os.path.join(folder, "config.tmp"), os.path.join(folder, "config.json"))
+
+
+def load_router(folder, slm, tok, device="cpu"):
+    """Load a router and check that it was trained for this SLM."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise R2RError(f"no router at {folder}: train one with train_router.py or pass --router")
+    with open(path) as f:
+        config = json.load(f)
+    want, have = fingerprint(slm, tok), config.get("slm") or {}
+    for key in ("hidden_size", "vocab"):
+        if have.get(key) != want[key]:
+            raise R2RError(f"the router in {folder} was trained for an SLM with {key} {have.get(key)}, "
+                           f"but {want['name']} has {want[key]}: train a router for this SLM")
+    if have.get("embedding_sha") != want["embedding_sha"]:
+        print(f"warning: the router in {folder} was trained for {have.get('name')}, not {want['name']}")
+    router = Router(**config)
+    router.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    return router.to(device).eval()
+
+# ----------------------------------------------------------------------------- mixed decoding
+
+@dataclass
+class Trace:
+    """What one mixed decode did: the new tokens, which model wrote each (1 = LLM), and the
+    number of new tokens each LLM call caught up on."""
+    tokens: list = field(default_factory=list)
+    from_llm: list = field(default_factory=list)
+    catch_up: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def catch_up(llm, pending, cache):
+    """R2R's batched catch-up (METHOD.md, Stage 3): ONE LLM pass over every token committed
+    since its last call. Returns the LLM's next-token logits (V,)."""
+    ids = torch.tensor([pending], device=llm.device)  # (1, T_gap)
+    return forward(llm, ids, cache)[1][0, -1]
+
+
+@torch.no_grad()
+def decode(slm, llm, router, tok, prompt_ids, max_new_tokens, mode="r2r", threshold=None,
+           temperature=0.0, top_p=1.0, generator=None, eos=None, check=None):
+    """Mixed decoding at batch size 1 with two DynamicCaches and no rollback.
+
+    Each step: 1. the SLM has read every committed token and proposes a candidate;
+    2. the router scores it; 3. if routed, the LLM catches up on the gap and writes the
+    token instead; 4. the token is committed. mode "slm"/"llm" forces every token to one
+    model through the same loop. Cache invariant after each step, with n committed:
+    the SLM cache holds prompt + the first n-1 new tokens (the last one is read at the next
+    step), the LLM cache holds prompt + new tokens up to its last call, and `pending` is the
+    rest. `check(slm_cache, llm_cache, pending, trace)` is called after each step (tests).
+    """
+    V = len(tok)  # only the shared tokenizer's ids are ever compared or emitted
+    threshold = router.threshold if threshold is None and router is not None else threshold
+    eos = eos_ids(slm, llm) if eos is None else eos
+    slm_cache, llm_cache, pending, trace = DynamicCache(), DynamicCache(), list(prompt_ids), Trace()
+    t0, hidden, logits = time.perf_counter(), None, None
+    for _ in range(max_new_tokens):
+        # 1. SLM step: read what it has not yet seen (the prompt, or the last token).
+        if mode != "llm":
+            fresh = prompt_ids if not trace.tokens else trace.tokens[-1:]
+            hidden, logits = forward(slm, torch.tensor([fresh], device=slm.device), slm_cache)
+            hidden, logits = hidden[0, -1:], logits[0, -1:, :V]  # (1, H), (1, V)
+            token = pick(logits[0], temperature, top_p, generator)
+        # 2. Route: the router decides before any cache has seen the token, so no rollback.
+        if mode == "r2r":
+            feats = router_inputs(slm, hidden, logits, torch.tensor([token], device=slm.device),
+                                  router.config["top_k"])
+            routed = torch.sigmoid(router(*feats)).item() >= threshold
+        else:
+            routed = mode == "llm"
+        # 3. LLM catch-up: one pass over the gap; its token replaces the candidate.
+        if routed:
+            trace.catch_up.append(len(pending) - (len(prompt_ids) if llm_cache.get_seq_length() == 0 else 0))
+            token = pick(catch_up(llm, pending, llm_cache)[:V], temperature, top_p, generator)
+            pending = []
+        # 4. Commit.
+        trace.tokens.append(token)
+        trace.from_llm.append(int(routed))
+        pending.append(token)
+        if check is not None:
+            check(slm_cache, llm_cache, pending, trace)
+        if token in eos:
+            break
+    if slm.device.type == "cuda":
+        torch.cuda.synchronize()
+    trace.seconds = time.perf_counter() - t0
+    return trace
+
+
+def activated_params(trace, p_slm, p_llm):
+    """Average activated parameters per token, the authors' formula (METHOD.md)."""
+    n, n_llm = len(trace.tokens), sum(trace.from_llm)
+    return ((n - n_llm) * p_slm + n_llm * p_llm) / max(n, 1)

@@ -1,0 +1,187 @@
+"""
+train_router.py: fit R2R's router on label.py's dataset (METHOD.md, Stage 2), pick its
+threshold, and compare it with routing by SLM confidence at the same LLM share.
+
+    python train_router.py                                    # labels/ -> router/
+    python train_router.py --labels labels --out demo/router  # how demo/router was made
+
+The router sees the SLM's last hidden state, its top-k logits and the embedding of the
+token it is about to emit (taken from the SLM's own embedding table, which is loaded,
+never stored). Training and validation are split by prompt, never by token. It does not
+label (label.py) or decode (generate.py).
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import r2r
+
+
+def auc(scores, labels):
+    """Area under the ROC curve: the chance that a random positive outscores a random
+    negative (ties count half). [0.1, 0.4, 0.35, 0.8] with [0, 0, 1, 1] -> 0.75."""
+    s, y = scores.double(), labels.bool()
+    pos, neg = s[y], s[~y]
+    return ((pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()).item() \
+        if len(pos) * len(neg) <= 4e7 else _auc_by_rank(s, y)
+
+
+def _auc_by_rank(s, y):
+    ranks = torch.empty_like(s)
+    ranks[s.argsort()] = torch.arange(1, len(s) + 1, dtype=s.dtype)
+    n_pos = y.sum().item()
+    return ((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(s) - n_pos))).item()
+
+
+def threshold_for_recall(scores, labels, recall):
+    """The highest threshold (so the lowest LLM share) that routes at least `recall` of the
+    positives: the authors' rule (METHOD.md, Stage 2)."""
+    pos = scores[labels.bool()].sort(descending=True).values
+    return pos[max(0, int(torch.tensor(recall * len(pos)).ceil().item()) - 1)].item()
+
+
+def threshold_for_share(scores, share):
+    """The threshold that routes `share` of all positions."""
+    return scores.sort(descending=True).values[max(0, round(share * len(scores)) - 1)].item()
+
+
+def recall_share(scores, labels, threshold):
+    routed = scores >= threshold
+    return (routed & labels.bool()).sum().item() / max(labels.sum().item(), 1), routed.float().mean().item()
+
+
+def load_features(folder, device):
+    """Tensors from a label folder, plus the SLM's embedding table and fingerprint."""
+    meta, ds = r2r.load_labels(folder)
+    if len(ds) == 0:
+        raise r2r.R2RError(f"{folder} holds no labeled positions: label more prompts")
+    cols = ["hidden", "topk", "slm_token", "label", "prompt_id"]
+    data = ds.select_columns(cols).with_format("torch")[:]  # (N, H), (N, k), then (N,) each
+    if data["label"].sum() == 0:
+        raise r2r.R2RError(f"{folder} has no divergent labels, so there is nothing to route: label more prompts "
+                           "or check the verifier")
+    slm = r2r.load_model(meta["slm"], device)
+    tok = r2r._from_pretrained(r2r.AutoTokenizer, meta["slm"])
+    have = r2r.fingerprint(slm, tok)
+    if any(have[k] != meta["fingerprint"][k] for k in ("hidden_size", "vocab", "embedding_sha")):
+        raise r2r.R2RError(f"{meta['slm']} is not the SLM that made the labels in {folder}")
+    return data, slm, tok, meta
+
+
+def split_by_prompt(prompt_ids, val_fraction, seed):
+    """Boolean validation mask: a prompt's positions all go to one side (neighbouring tokens
+    would leak across a token-level split)."""
+    ids = prompt_ids.unique()
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    n_val = max(1, round(val_fraction * len(ids)))
+    if n_val >= len(ids):
+        raise r2r.R2RError(f"{len(ids)} prompts cannot be split with --val-fraction {val_fraction}")
+    return torch.isin(prompt_ids, ids[:n_val])
+
+
+@torch.no_grad()
+def scores_of(router, emb_table, data, idx, batch=8192):
+    router.eval()
+    out = [router(data["hidden"][i], data["topk"][i], emb_table(data["slm_token"][i])).float()
+           for i in idx.split(batch)]
+    return torch.sigmoid(torch.cat(out))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--labels", default="labels", help="folder written by label.py")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split and the initialisation")
+    # router size: the paper's 6 blocks x 1024 (56M parameters) is far more than the demo needs
+    p.add_argument("--width", type=int, default=256, help="MLP width (paper: 1024)")
+    p.add_argument("--blocks", type=int, default=2, help="residual MLP blocks (paper: 6)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in each block")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=50, help="most epochs (paper: 50)")
+    p.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better "
+                   "validation loss (paper: 10)")
+    p.add_argument("--batch-size", type=int, default=1024, help="positions per step (paper: 1024)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 5e-5 for its 56M router)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (paper: 5e-4)")
+    # threshold
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--recall", type=float, default=0.95, help="lowest LLM share whose validation recall of "
+                   "divergent tokens is at least this (the paper's rule)")
+    g.add_argument("--llm-share", type=float, default=None, help="instead, route this share of validation tokens")
+    p.add_argument("--out", default="router", help="folder for model.safetensors and config.json")
+    p.add_argument("--device", default="cpu", help="cpu is plenty for the demo; cuda for large label sets")
+    args = p.parse_args(argv)
+    if not 0 < args.recall <= 1 or (args.llm_share is not None and not 0 < args.llm_share <= 1):
+        raise r2r.R2RError("--recall and --llm-share must lie in (0, 1]")
+    if not 0 < args.val_fraction < 1 or min(args.epochs, args.batch_size, args.width, args.blocks) < 1:
+        raise r2r.R2RError("--val-fraction must lie in (0, 1); --epochs, --batch-size, --width, --blocks >= 1")
+
+    torch.manual_seed(args.seed)
+    data, slm, tok, meta = load_features(args.labels, args.device)
+    emb_table = slm.get_input_embeddings().float().requires_grad_(False)  # the SLM's own, frozen
+    val = split_by_prompt(data["prompt_id"], args.val_fraction, args.seed)
+    tr_idx, va_idx = (~val).nonzero()[:, 0], val.nonzero()[:, 0]
+    y = data["label"].float()
+    n_pos = y[tr_idx].sum().item()
+    if n_pos == 0 or y[va_idx].sum() == 0:
+        raise r2r.R2RError("the training or validation prompts hold no divergent label: label more prompts")
+    # Class weighting (METHOD.md, Stage 2): divergent tokens are a few percent of all.
+    pos_weight = torch.tensor((len(tr_idx) - n_pos) / n_pos)
+    router = r2r.Router(data["hidden"].shape[1], data["topk"].shape[1], args.width, args.blocks, args.dropout,
+                        slm=meta["fingerprint"])
+    opt = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    print(f"{len(tr_idx)} train / {len(va_idx)} validation positions, {y.mean():.2%} divergent, "
+          f"pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters")
+
+    def val_loss():
+        router.eval()
+        with torch.no_grad():
+            s = scores_of(router, emb_table, data, va_idx)
+            return F.binary_cross_entropy(s.clamp(1e-7, 1 - 1e-7), y[va_idx], weight=1 + (pos_weight - 1) * y[va_idx]
+                                          ).item(), s
+
+    best, best_state, bad = float("inf"), None, 0
+    bar = tqdm(range(args.epochs), desc="router", unit="epoch")
+    for epoch in bar:
+        router.train()
+        for i in tr_idx[torch.randperm(len(tr_idx))].split(args.batch_size):
+            logit = router(data["hidden"][i], data["topk"][i], emb_table(data["slm_token"][i]))
+            loss = F.binary_cross_entropy_with_logits(logit, y[i], pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        vl, s = val_loss()
+        t = threshold_for_recall(s, y[va_idx], args.recall)
+        rec, share = recall_share(s, y[va_idx], t)
+        bar.write(f"epoch {epoch + 1:3d} | train loss {loss.item():.4f} | val loss {vl:.4f} | val AUC "
+                  f"{auc(s, y[va_idx]):.3f} | recall {rec:.3f} at LLM share {share:.1%}")
+        if vl < best:
+            best, best_state, bad = vl, {k: v.clone() for k, v in router.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= args.patience:
+                bar.write(f"early stop: no better validation loss for {args.patience} epochs")
+                break
+    router.load_state_dict(best_state)
+
+    # Threshold and report on validation prompts, beside the confidence baselines.
+    s, yv = scores_of(router, emb_table, data, va_idx), y[va_idx]
+    t = threshold_for_share(s, args.llm_share) if args.llm_share else threshold_for_recall(s, yv, args.recall)
+    rec, share = recall_share(s, yv, t)
+    router.config["threshold"] = t
+    r2r.save_router(router, args.out)
+    print(f"saved {args.out}: threshold {t:.4f}")
+    print(f"validation ({len(va_idx)} positions, {int(yv.sum())} divergent), at LLM share {share:.1%}:")
+    print(f"  {'router':8s} AUC {auc(s, yv):.3f}  recall {rec:.3f}")
+    base = r2r.confidence_scores(data["topk"][va_idx], torch.Generator().manual_seed(args.seed))
+    for name, b in base.items():
+        r, _ = recall_share(b, yv, threshold_for_share(b, share))
+        print(f"  {name:8s} AUC {auc(b, yv):.3f}  recall {r:.3f}")
+
+
+if __name__ == "__main__":
+    r2r.run_main(main)
