@@ -73,20 +73,20 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
     """The parts, each timed alone: SLM step, router call, an LLM pass over g tokens after a
     cache of prompt length for every gap length g that R2R's LLM calls had, and the LLM's
     prompt prefill, which each prompt's first LLM call also does."""
-    ids = torch.zeros(1, prompt_len, dtype=torch.long, device=device)
+    gaps = [max(g, 1) for t in traces for g in t.catch_up]
+    ids = torch.zeros(1, max([prompt_len] + gaps), dtype=torch.long, device=device)
 
     def step(model, g):
         cache = DynamicCache()
-        r2r.forward(model, ids, cache)
-        return lambda: (r2r.forward(model, ids[:, :g], cache), cache.crop(g))
+        r2r.forward(model, ids[:, :prompt_len], cache)
+        return lambda: (r2r.forward(model, ids[:, :g], cache), cache.crop(g))  # 5.x: crop(n) drops n tokens
 
     slm_s = timed(step(slm, 1), device, reps)
     H, k = router.config.get("hidden_size", slm.config.hidden_size), router.config["top_k"]
     feats = (torch.randn(1, H, device=device), torch.randn(1, k, device=device), torch.randn(1, H, device=device))
     router_s = timed(lambda: torch.sigmoid(router(*feats)).item(), device, reps)
-    gaps = [max(g, 1) for t in traces for g in t.catch_up]
     llm_s = {g: timed(step(llm, g), device, reps) for g in set(gaps)}
-    prefill_s = timed(lambda: r2r.forward(llm, ids, DynamicCache()), device, reps)
+    prefill_s = timed(lambda: r2r.forward(llm, ids[:, :prompt_len], DynamicCache()), device, reps)
     n, first_calls = sum(len(t.tokens) for t in traces), sum(bool(t.catch_up) for t in traces)
     return n * (slm_s + router_s) + sum(llm_s[g] for g in gaps) + first_calls * prefill_s, slm_s, router_s
 

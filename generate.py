@@ -64,7 +64,10 @@ def render(tok, trace, colour):
         if i == len(trace.tokens) or trace.from_llm[i] != trace.from_llm[start]:
             full = tok.decode(trace.tokens[:i], skip_special_tokens=True)
             piece = full[len(prev):]
-            text.append(f"{marks[0]}{piece}{marks[1]}" if trace.from_llm[start] and piece.strip() else piece)
+            if trace.from_llm[start] and piece.strip():  # leading space stays outside the marks
+                lead = piece[:len(piece) - len(piece.lstrip())]
+                piece = f"{lead}{marks[0]}{piece.lstrip()}{marks[1]}"
+            text.append(piece)
             prev, start = full, i
     return "".join(text)
 

@@ -82,7 +82,7 @@ def slm_positions(slm, tok, seqs, starts, k):
     """Stage 2, teacher forcing: one batched SLM pass. For each sequence, at every response
     position j (predicting token starts+j), the router features and the SLM's argmax.
     Right padding leaves every real position's causal context untouched."""
-    ids, mask = pad_right(seqs, tok.pad_token_id, slm.device)
+    ids, mask = pad_right(seqs, r2r.pad_id(tok, slm), slm.device)
     hidden, logits = r2r.forward(slm, ids, None, attention_mask=mask)  # (B, T, H), (B, T, V)
     out = []
     for i, (s, p) in enumerate(zip(seqs, starts)):
@@ -100,7 +100,7 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
     LLM pass over all sequences fills a cache, and each branch takes its first n positions,
     left-padded into a batch (positions keep their true values, padding is masked out).
     `stop(tokens)` says when a branch is finished. Returns the branch tokens, [t, ...]."""
-    ids, mask = pad_right(seqs, tok.pad_token_id, llm.device)
+    ids, mask = pad_right(seqs, r2r.pad_id(tok, llm), llm.device)
     full = DynamicCache()
     llm.base_model(input_ids=ids, attention_mask=mask, past_key_values=full, use_cache=True)
     results = []

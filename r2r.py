@@ -25,7 +25,7 @@ DEMO = os.path.join(HERE, "demo")
 
 
 class R2RError(Exception):
-    """Bad input: the scripts print its message as one line and exit with status 2."""
+    """Bad input: the scripts print its message as one line and exit with status 1."""
 
 
 def run_main(main):
@@ -39,11 +39,12 @@ def run_main(main):
 
 def pick_device(device=None, dtype=None):
     """cuda, then mps, then cpu; bf16 on cuda, fp32 elsewhere. Prints the choice and why."""
+    why = "as asked" if device and dtype else "the best present" if not device else "default for the device"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    print(f"device {device}, dtype {dtype} ({'--device/--dtype given' if device and dtype else 'auto'})")
+    print(f"device {device}, dtype {dtype} ({why})")
     return torch.device(device), getattr(torch, dtype)
 
 
@@ -85,6 +86,11 @@ def eos_ids(*models):
         e = m.generation_config.eos_token_id
         ids.update([] if e is None else [e] if isinstance(e, int) else e)
     return ids
+
+
+def pad_id(tok, model):
+    """The tokenizer's pad id, else an EOS id (many chat models define no pad token)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids(model))
 
 
 def n_params(model):
@@ -190,13 +196,13 @@ def greedy_batch(model, tok, prompts, max_new_tokens, chat=True):
     """Greedy responses to many prompts at once with model.generate (left padding).
     Returns (prompt_ids, response_ids, finished) per prompt; a finished response ends with
     the EOS token the model wrote."""
-    rows = [encode_prompt(tok, p, chat) for p in prompts]
+    rows, pad = [encode_prompt(tok, p, chat) for p in prompts], pad_id(tok, model)
     T = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)
     vocab = model.config.get_text_config().vocab_size
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=tok.pad_token_id, suppress_tokens=list(range(len(tok), vocab)) or None)
+                         pad_token_id=pad, suppress_tokens=list(range(len(tok), vocab)) or None)
     eos, results = eos_ids(model), []
     for r, new in zip(rows, out[:, T:].tolist()):
         end = next((i for i, t in enumerate(new) if t in eos), None)
@@ -222,7 +228,7 @@ class Router(nn.Module):
     (METHOD.md, Stage 2). The authors use 6 blocks of width 1024 (about 56M parameters);
     our defaults are far smaller and suit the demo pair."""
 
-    def __init__(self, hidden_size, top_k=100, width=256, n_blocks=2, dropout=0.1, threshold=0.5, slm=None):
+    def __init__(self, hidden_size, top_k=100, width=128, n_blocks=2, dropout=0.1, threshold=0.5, slm=None):
         super().__init__()
         self.config = dict(hidden_size=hidden_size, top_k=top_k, width=width, n_blocks=n_blocks,
                            dropout=dropout, threshold=threshold, slm=slm)
@@ -292,7 +298,8 @@ def load_router(folder, slm, tok, device="cpu"):
         raise R2RError(f"no router at {folder}: train one with train_router.py or pass --router")
     with open(path) as f:
         config = json.load(f)
-    want, have = fingerprint(slm, tok), config.get("slm") or {}
+    want = fingerprint(slm, tok)
+    have = dict(config.get("slm") or {}, hidden_size=config.get("hidden_size"))  # the router's own input size
     for key in ("hidden_size", "vocab"):
         if have.get(key) != want[key]:
             raise R2RError(f"the router in {folder} was trained for an SLM with {key} {have.get(key)}, "

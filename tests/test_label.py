@@ -102,7 +102,9 @@ def test_divergent_rows_reproduce_with_model_generate(demo_pair, tmp_path):
             if r["kind"] == "identical":
                 continue
             ids = torch.tensor([prompt + response[:r["position"]] + [r["slm_token"]]])
-            out = llm.generate(ids, do_sample=False, max_new_tokens=128)[0, len(prompt):].tolist()
+            out = ids[0, len(prompt):].tolist()
+            if r["slm_token"] != tok.eos_token_id:  # an SLM that stops here ends the branch
+                out = llm.generate(ids, do_sample=False, max_new_tokens=128)[0, len(prompt):].tolist()
             alt = r2r.extract_answer(tok.decode(out, skip_special_tokens=True))
             assert (alt != ref) == (r["kind"] == "divergent"), (pid, r["position"])
             checked[r["kind"]] += 1

@@ -80,9 +80,10 @@ def test_threshold_rules():
     assert train_router.threshold_for_recall(scores, labels, 0.6) == pytest.approx(0.7)  # 2 of 3 positives
     assert train_router.threshold_for_share(scores, 0.3) == pytest.approx(0.7)
     assert train_router.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
+    assert train_router.auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1, 0, 0])) == 0.75  # a tie counts half
     big = torch.rand(20000, generator=torch.Generator().manual_seed(0))
-    y = (big > 0.5).long()
-    assert train_router._auc_by_rank(big.double(), y.bool()) == pytest.approx(1.0)
+    assert train_router.auc(big, (big > 0.5).long()) == pytest.approx(1.0)
+    assert train_router.auc(big, torch.randint(0, 2, (20000,))) == pytest.approx(0.5, abs=0.02)
 
 
 def test_no_positive_labels_is_a_clear_error(tmp_path, tok):
