@@ -79,7 +79,12 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
     def step(model, g):
         cache = DynamicCache()
         r2r.forward(model, ids[:, :prompt_len], cache)
-        return lambda: (r2r.forward(model, ids[:, :g], cache), cache.crop(g))  # 5.x: crop(n) drops n tokens
+
+        def one_pass():
+            r2r.forward(model, ids[:, :g], cache)
+            cache.crop(-g)  # transformers 5.x: a negative count drops that many tokens
+            assert cache.get_seq_length() == prompt_len
+        return one_pass
 
     slm_s = timed(step(slm, 1), device, reps)
     H, k = router.config.get("hidden_size", slm.config.hidden_size), router.config["top_k"]

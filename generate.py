@@ -1,5 +1,5 @@
 """
-generate.py: R2R mixed decoding (METHOD.md, Stage 3). The SLM writes every token except
+generate.py: R2R mixed decoding (R2R Stage 3). The SLM writes every token except
 those the router sends to the LLM, which first catches up on the tokens it has not seen
 in one batched forward pass. Both KV caches only ever hold committed tokens: no rollback.
 
@@ -24,16 +24,9 @@ import r2r
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # models
-    p.add_argument("--slm", default=os.path.join(r2r.DEMO, "slm"), help="small model: hub name or local folder")
-    p.add_argument("--llm", default=os.path.join(r2r.DEMO, "llm"), help="large model sharing the SLM's tokenizer")
-    p.add_argument("--router", default=os.path.join(r2r.DEMO, "router"), help="router folder from train_router.py")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
-    # prompts
+    r2r.add_common_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
     p.add_argument("--prompts-file", help="JSON/JSONL file with a 'prompt' field per row")
-    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
     # decoding
     p.add_argument("--mode", choices=["r2r", "slm", "llm"], default="r2r",
                    help="r2r routes with the router; slm / llm force every token to one model")

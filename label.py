@@ -1,5 +1,5 @@
 """
-label.py: R2R's automatic labeling (METHOD.md, Stage 1). Turns an SLM/LLM pair and some
+label.py: R2R's automatic labeling (R2R Stage 1). Turns an SLM/LLM pair and some
 prompts into a token-level dataset: at every position of the LLM's greedy response, the
 router's features and whether the SLM's token there is identical, a neutral difference,
 or a divergent one (the reasoning changes).
@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 import r2r
 
-PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}  # R1-1.5B vs R1-32B (METHOD.md)
+PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}  # the authors' R1-1.5B vs R1-32B
 SENTENCE_END = re.compile(r"[.!?;\n]")
 
 # ----------------------------------------------------------------------------- the judge
@@ -58,7 +58,7 @@ Output: 0 or 1"""
 
 
 def judge_prompt(context, a, b):
-    """The verifier's question (METHOD.md, Stage 1, step 4); `a` and `b` already carry the
+    """The verifier's question (R2R Stage 1, step 4); `a` and `b` already carry the
     << >> marks. Only the last 1000 characters of context are shown."""
     return JUDGE_PROMPT.format(context=context[-1000:], a=a, b=b)
 
@@ -157,7 +157,7 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, times):
     """All four stages for one chunk of prompts. Returns (rows of the dataset, counters)."""
     stats = collections.Counter()
     t = time.perf_counter()
-    # 1. The LLM's greedy responses, as token ids; only finished ones are labeled (METHOD.md).
+    # 1. The LLM's greedy responses, as token ids; only finished ones are labeled, as the authors do.
     responses = r2r.greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template)
     keep = [(i, p, r) for i, (p, r, finished) in enumerate(responses) if finished]
     stats["unfinished responses"] += len(rows) - len(keep)
@@ -212,19 +212,9 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, times):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # models
-    p.add_argument("--slm", default=os.path.join(r2r.DEMO, "slm"), help="small model: hub name or local folder")
-    p.add_argument("--llm", default=os.path.join(r2r.DEMO, "llm"), help="large model sharing the SLM's tokenizer")
+    r2r.add_common_args(p, router=False, prompts="train.jsonl")
     p.add_argument("--verifier", default="answer",
                    help="'answer' compares final answers (exact; needs answers), else an instruction-tuned judge model")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
-    # data
-    p.add_argument("--prompts", default=os.path.join(r2r.DEMO, "train.jsonl"), help="JSON/JSONL file or hub dataset")
-    p.add_argument("--split", default="train", help="split of a hub dataset")
-    p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
-    p.add_argument("--answer-field", default="answer", help="field holding the answer (unused by the judge)")
-    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
     p.add_argument("--limit", type=int, default=None, help="label only this many prompts")
     p.add_argument("--seed", type=int, default=None, help="shuffle the prompts with this seed before --limit")
     # work

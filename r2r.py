@@ -35,6 +35,23 @@ def run_main(main):
     except R2RError as e:
         raise SystemExit(f"error: {e}")
 
+# ----------------------------------------------------------------------------- command line
+
+def add_common_args(p, router=True, prompts=None, split="train"):
+    """The flags the scripts share: the pair, its router, the device, and a prompt source."""
+    p.add_argument("--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder")
+    p.add_argument("--llm", default=os.path.join(DEMO, "llm"), help="large model sharing the SLM's tokenizer")
+    if router:
+        p.add_argument("--router", default=os.path.join(DEMO, "router"), help="router folder from train_router.py")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
+    if prompts:
+        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help="JSON/JSONL file or hub dataset")
+        p.add_argument("--split", default=split, help="split of a hub dataset")
+        p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
+        p.add_argument("--answer-field", default="answer", help="field holding the final answer")
+
 # ----------------------------------------------------------------------------- device, models
 
 def pick_device(device=None, dtype=None):
@@ -44,6 +61,8 @@ def pick_device(device=None, dtype=None):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise R2RError(f"--dtype {dtype} is not one of bfloat16, float16, float32")
     print(f"device {device}, dtype {dtype} ({why})")
     return torch.device(device), getattr(torch, dtype)
 
@@ -66,7 +85,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
 
 def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32):
     """Load SLM, LLM and the tokenizer they share. Tokenizers must agree id for id; the
-    lm_head may be padded differently within a family (METHOD.md, transformers notes), so
+    lm_head may be padded differently within a family (README, transformers 5.x notes), so
     only the tokenizer's ids [0, len(tok)) are ever compared."""
     tok, llm_tok = (_from_pretrained(AutoTokenizer, p) for p in (slm_path, llm_path))
     if tok.get_vocab() != llm_tok.get_vocab():
@@ -105,8 +124,9 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
     datasets.disable_progress_bars()
     try:
         if os.path.isfile(source):
-            if not open(source).read(4096).strip():
-                raise R2RError(f"{source} holds no prompts")
+            with open(source) as f:
+                if not f.read(4096).strip():
+                    raise R2RError(f"{source} holds no prompts")
             ds = datasets.load_dataset("json", data_files=source, split="train")
         elif source.endswith((".json", ".jsonl")):
             raise R2RError(f"no prompts file at {source}")
@@ -145,6 +165,7 @@ def extract_answer(text):
     m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
     return None if m is None else re.sub(r"[ ,]", "", m.group(1))
 
+
 def load_labels(folder):
     """A label.py folder: (its meta.json, every finished shard as one dataset)."""
     import datasets
@@ -163,17 +184,17 @@ def load_labels(folder):
 
 def forward(model, ids, cache=None, **kw):
     """One pass of `model` over `ids` (B, T), extending `cache` in place (`kw`: attention
-    mask and position ids for padded batches).
-    Returns the last hidden state (B, T, H), the vector fed to lm_head (after the final
-    norm), and the logits (B, T, V). Taken from the base model rather than with
-    output_hidden_states=True, which would keep every layer (METHOD.md, transformers notes)."""
+    mask and position ids for padded batches). Returns the last hidden state (B, T, H),
+    i.e. the vector lm_head reads, after the final norm, and the logits (B, T, V). The
+    hidden state comes from the base model: output_hidden_states=True would keep every
+    layer (README, transformers 5.x notes)."""
     out = model.base_model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, **kw)
     hidden = out.last_hidden_state  # (B, T, H)
     return hidden, model.get_output_embeddings()(hidden)
 
 
 def router_inputs(slm, hidden, logits, tokens, k):
-    """The router's features (METHOD.md, Stage 2): SLM hidden state (N, H), its top-k logits
+    """The router's features (R2R Stage 2): SLM hidden state (N, H), its top-k logits
     sorted descending (N, k), and the SLM's own input embedding of the token it is about to
     emit (N, H). The one definition used teacher-forced (label.py) and step by step
     (generate), so the router sees the same features in training and at inference."""
@@ -225,7 +246,7 @@ class Block(nn.Module):
 
 class Router(nn.Module):
     """Scores one SLM step; a high score means "the LLM should write this token"
-    (METHOD.md, Stage 2). The authors use 6 blocks of width 1024 (about 56M parameters);
+    (R2R Stage 2). The authors use 6 blocks of width 1024 (about 56M parameters);
     our defaults are far smaller and suit the demo pair."""
 
     def __init__(self, hidden_size, top_k=100, width=128, n_blocks=2, dropout=0.1, threshold=0.5, slm=None):
@@ -249,9 +270,9 @@ class Router(nn.Module):
 
 
 class ConfidenceRouter(nn.Module):
-    """The baselines the authors compare (METHOD.md): route by SLM entropy, by low top-1
-    probability, or at random, all read off the top-k logits (exact when k covers the
-    vocabulary). Same interface as Router, so every tool can swap one for the other."""
+    """The baselines the authors compare: route by SLM entropy, by low top-1 probability,
+    or at random, all read off the top-k logits (exact when k covers the vocabulary).
+    Same interface as Router, so every tool can swap one for the other."""
 
     def __init__(self, kind, top_k, threshold=0.5, generator=None):
         super().__init__()
@@ -322,9 +343,23 @@ class Trace:
     seconds: float = 0.0
 
 
+def slm_step(slm, fresh, cache, V):
+    """Phase 1: the SLM reads the tokens it has not seen yet (the prompt, or the last
+    committed token). Returns its last hidden state (1, H) and logits (1, V)."""
+    hidden, logits = forward(slm, torch.tensor([fresh], device=slm.device), cache)
+    return hidden[0, -1:], logits[0, -1:, :V]
+
+
+def route(router, slm, hidden, logits, token, threshold):
+    """Phase 2: does the router send this candidate to the LLM? It decides before any
+    cache has seen the token, which is why R2R never rolls back."""
+    feats = router_inputs(slm, hidden, logits, torch.tensor([token], device=slm.device), router.config["top_k"])
+    return torch.sigmoid(router(*feats)).item() >= threshold
+
+
 def catch_up(llm, pending, cache):
-    """R2R's batched catch-up (METHOD.md, Stage 3): ONE LLM pass over every token committed
-    since its last call. Returns the LLM's next-token logits (V,)."""
+    """Phase 3, R2R's batched catch-up (R2R Stage 3): ONE LLM pass over every token
+    committed since its last call. Returns the LLM's next-token logits (V,)."""
     ids = torch.tensor([pending], device=llm.device)  # (1, T_gap)
     return forward(llm, ids, cache)[1][0, -1]
 
@@ -346,22 +381,15 @@ def decode(slm, llm, router, tok, prompt_ids, max_new_tokens, mode="r2r", thresh
     threshold = router.threshold if threshold is None and router is not None else threshold
     eos = eos_ids(slm, llm) if eos is None else eos
     slm_cache, llm_cache, pending, trace = DynamicCache(), DynamicCache(), list(prompt_ids), Trace()
-    t0, hidden, logits = time.perf_counter(), None, None
+    t0, hidden, logits, token = time.perf_counter(), None, None, None
     for _ in range(max_new_tokens):
-        # 1. SLM step: read what it has not yet seen (the prompt, or the last token).
+        # 1. SLM step and its candidate (the LLM-only mode never runs the SLM).
         if mode != "llm":
-            fresh = prompt_ids if not trace.tokens else trace.tokens[-1:]
-            hidden, logits = forward(slm, torch.tensor([fresh], device=slm.device), slm_cache)
-            hidden, logits = hidden[0, -1:], logits[0, -1:, :V]  # (1, H), (1, V)
+            hidden, logits = slm_step(slm, trace.tokens[-1:] or prompt_ids, slm_cache, V)
             token = pick(logits[0], temperature, top_p, generator)
-        # 2. Route: the router decides before any cache has seen the token, so no rollback.
-        if mode == "r2r":
-            feats = router_inputs(slm, hidden, logits, torch.tensor([token], device=slm.device),
-                                  router.config["top_k"])
-            routed = torch.sigmoid(router(*feats)).item() >= threshold
-        else:
-            routed = mode == "llm"
-        # 3. LLM catch-up: one pass over the gap; its token replaces the candidate.
+        # 2. Route.
+        routed = route(router, slm, hidden, logits, token, threshold) if mode == "r2r" else mode == "llm"
+        # 3. LLM catch-up on the gap; its token replaces the candidate.
         if routed:
             trace.catch_up.append(len(pending) - (len(prompt_ids) if llm_cache.get_seq_length() == 0 else 0))
             token = pick(catch_up(llm, pending, llm_cache)[:V], temperature, top_p, generator)
@@ -374,13 +402,13 @@ def decode(slm, llm, router, tok, prompt_ids, max_new_tokens, mode="r2r", thresh
             check(slm_cache, llm_cache, pending, trace)
         if token in eos:
             break
-    if slm.device.type == "cuda":
+    if slm.device.type == "cuda":  # read the clock only after the GPU has finished
         torch.cuda.synchronize()
     trace.seconds = time.perf_counter() - t0
     return trace
 
 
 def activated_params(trace, p_slm, p_llm):
-    """Average activated parameters per token, the authors' formula (METHOD.md)."""
+    """Average activated parameters per token, the authors' formula (README, "The method")."""
     n, n_llm = len(trace.tokens), sum(trace.from_llm)
     return ((n - n_llm) * p_slm + n_llm * p_llm) / max(n, 1)

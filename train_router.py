@@ -1,5 +1,5 @@
 """
-train_router.py: fit R2R's router on label.py's dataset (METHOD.md, Stage 2), pick its
+train_router.py: fit R2R's router on label.py's dataset (R2R Stage 2), pick its
 threshold, and compare it with routing by SLM confidence at the same LLM share.
 
     python train_router.py                                    # labels/ -> router/
@@ -33,7 +33,7 @@ def auc(scores, labels):
 
 def threshold_for_recall(scores, labels, recall):
     """The highest threshold (so the lowest LLM share) that routes at least `recall` of the
-    positives: the authors' rule (METHOD.md, Stage 2)."""
+    positives: the authors' rule (R2R Stage 2)."""
     pos = scores[labels.bool()].sort(descending=True).values
     return pos[max(0, int(torch.tensor(recall * len(pos)).ceil().item()) - 1)].item()
 
@@ -124,7 +124,7 @@ def main(argv=None):
     n_pos = y[tr_idx].sum().item()
     if n_pos == 0 or y[va_idx].sum() == 0:
         raise r2r.R2RError("the training or validation prompts hold no divergent label: label more prompts")
-    # Class weighting (METHOD.md, Stage 2): divergent tokens are a few percent of all.
+    # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
     pos_weight = torch.tensor((len(tr_idx) - n_pos) / n_pos)
     router = r2r.Router(data["hidden"].shape[1], data["topk"].shape[1], args.width, args.blocks, args.dropout,
                         slm=meta["fingerprint"])

@@ -1,6 +1,6 @@
 """
 Build the offline demo pair: a tiny SLM and LLM that share a tokenizer and show R2R's
-phenomenon on one CPU (../shared/METHOD.md, "The idea").
+phenomenon on one CPU (README, "The method").
 
 The task is multi-digit addition with a scratchpad, one step per digit from the right:
 
@@ -195,7 +195,7 @@ def main():
                 rows.append(p)
         splits[split] = rows
         save_jsonl(os.path.join(args.out, f"{split}.jsonl"), rows)
-    # 2. One tokenizer for both models; check the round trip (METHOD.md, transformers notes).
+    # 2. One tokenizer for both models; check the round trip (README, transformers 5.x notes).
     tok = build_tokenizer()
     assert tok.decode(tok.encode("4837+2956", add_special_tokens=False)) == "4 8 3 7 + 2 9 5 6"
     # 3. The models train on fresh random problems; the checks use 200 validation prompts.

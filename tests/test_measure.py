@@ -1,0 +1,46 @@
+"""evaluate.py and bench.py run end to end; their numbers are checked against independent
+paths where one exists (never timed assertions)."""
+import os
+
+import torch
+
+import bench
+import evaluate
+import r2r
+
+
+def test_evaluate_table_agrees_with_batched_generate(demo_pair, capsys):
+    slm, llm, tok = demo_pair
+    evaluate.main(["--limit", "6", "--thresholds", "0.5", "--max-new-tokens", "80"])
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    assert {"SLM only", "LLM only", "R2R (saved)", "R2R", "entropy", "random"} <= set(table)
+    rows = r2r.read_prompts(os.path.join(r2r.DEMO, "test.jsonl"), limit=6)
+    for name, model in (("SLM only", slm), ("LLM only", llm)):  # oracle: unbatched model.generate
+        correct = 0
+        for r in rows:
+            ids = r2r.encode_prompt(tok, r["prompt"])
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[0, len(ids):]
+            correct += r2r.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
+        acc = correct / 6
+        assert table[name][2].strip() == f"{acc:.1%}"
+    assert table["LLM only"][1].strip() == "100.0%" and table["SLM only"][1].strip() == "0.0%"
+
+
+def test_bench_demo_prints_its_numbers(capsys):
+    bench.main(["--n-prompts", "2", "--max-new-tokens", "12", "--reps", "2"])
+    out = capsys.readouterr().out
+    for text in ("SLM only", "LLM only", "ideal R2R", "measured / ideal", "speedup over LLM only"):
+        assert text in out
+
+
+def test_bench_published_pair_path_on_tiny_configs(monkeypatch, capsys):
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=151936)
+    for name in ("r1-1.5b", "r1-32b"):
+        monkeypatch.setitem(bench.CONFIGS, name, dict(bench.CONFIGS[name], **tiny))
+    bench.main(["--pair", "r1-1.5b+32b", "--share", "0.5", "--n-prompts", "2", "--max-new-tokens", "16",
+                "--prompt-len", "8", "--reps", "1"])
+    out = capsys.readouterr().out
+    share = float(out.split("LLM share ")[1].split("%")[0])
+    assert 20 < share < 80  # the random router's share, over 32 tokens
