@@ -68,7 +68,7 @@ def parse_judge(reply):
     m = re.findall(r"output\s*:\s*\**\s*([01])\b", reply, flags=re.IGNORECASE)
     return int(m[-1]) if m else None
 
-# ----------------------------------------------------------------------------- the stages
+# ----------------------------------------------------------------------------- the steps
 
 def pad_right(seqs, pad, device):
     T = max(map(len, seqs))
@@ -79,7 +79,7 @@ def pad_right(seqs, pad, device):
 
 @torch.no_grad()
 def slm_positions(slm, tok, seqs, starts, k):
-    """Stage 2, teacher forcing: one batched SLM pass. For each sequence, at every response
+    """Step 2, teacher forcing: one batched SLM pass. For each sequence, at every response
     position j (predicting token starts+j), the router features and the SLM's argmax.
     Right padding leaves every real position's causal context untouched."""
     ids, mask = pad_right(seqs, r2r.pad_id(tok, slm), slm.device)
@@ -95,7 +95,7 @@ def slm_positions(slm, tok, seqs, starts, k):
 
 @torch.no_grad()
 def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
-    """Stage 3: for each branch (sequence i, cut at n tokens, SLM token t) the LLM continues
+    """Step 3: for each branch (sequence i, cut at n tokens, SLM token t) the LLM continues
     greedily from seqs[i][:n] + [t]. The prefixes are not recomputed: one teacher-forced
     LLM pass over all sequences fills a cache, and each branch takes its first n positions,
     left-padded into a batch (positions keep their true values, padding is masked out).
@@ -115,18 +115,19 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
         mask = torch.tensor([[0] * (L - n) + [1] * n for _, n, _ in batch], device=llm.device)  # (B, L)
         last = torch.tensor([[t] for _, _, t in batch], device=llm.device)  # (B, 1)
         pos = torch.tensor([[n] for _, n, _ in batch], device=llm.device)  # (B, 1)
-        outs, done = [[t] for _, _, t in batch], [stop(o) for o in [[t] for _, _, t in batch]]
+        outs = [[t] for _, _, t in batch]
+        done = [stop(o) for o in outs]
         for _ in range(max_new):
             if all(done):
                 break
             mask = torch.cat([mask, torch.ones_like(last)], dim=1)
-            hidden, logits = r2r.forward(llm, last, cache, attention_mask=mask, position_ids=pos)
+            _, logits = r2r.forward(llm, last, cache, attention_mask=mask, position_ids=pos)
             last, pos = logits[:, -1, :len(tok)].argmax(-1, keepdim=True), pos + 1
-            for o, t, i in zip(outs, last[:, 0].tolist(), range(len(outs))):
+            for i, t in enumerate(last[:, 0].tolist()):
                 if not done[i]:
-                    o.append(t)
-                    done[i] = stop(o)
-        results += [(o, d) for o, d in zip(outs, done)]
+                    outs[i].append(t)
+                    done[i] = stop(outs[i])
+        results += list(zip(outs, done))
     return results
 
 
@@ -152,23 +153,43 @@ def sentence_view(tok, response, j, branch, ends):
 
 # ----------------------------------------------------------------------------- one chunk
 
+class Steps:
+    """A progress bar per step of labeling, and the seconds each step took in this run."""
+    NAMES = ("1 LLM responses", "2 SLM features", "3 continuations", "4 verifier")
 
-def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, times):
-    """All four stages for one chunk of prompts. Returns (rows of the dataset, counters)."""
+    def __init__(self, n_prompts, done):
+        units = ("prompt", "response", "branch", "branch")
+        self.bars = [tqdm(desc=name, unit=u, position=i, total=n_prompts if i == 0 else None,
+                          initial=done if i == 0 else 0) for i, (name, u) in enumerate(zip(self.NAMES, units))]
+        self.seconds = collections.Counter()
+
+    def done(self, i, n, since):
+        """Step i finished n more items; it started at time `since`."""
+        self.seconds[self.NAMES[i]] += time.perf_counter() - since
+        self.bars[i].update(n)
+
+    def close(self):
+        for bar in self.bars:
+            bar.close()
+
+
+
+def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
+    """All four steps for one chunk of prompts. Returns (rows of the dataset, counters)."""
     stats = collections.Counter()
     t = time.perf_counter()
     # 1. The LLM's greedy responses, as token ids; only finished ones are labeled, as the authors do.
     responses = r2r.greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template)
     keep = [(i, p, r) for i, (p, r, finished) in enumerate(responses) if finished]
     stats["unfinished responses"] += len(rows) - len(keep)
-    times["1 LLM responses"] += time.perf_counter() - t
+    steps.done(0, len(rows), t)
     if not keep:
         return [], stats
     t = time.perf_counter()
     # 2. Teacher-forced SLM pass: features and argmax at every response position.
     seqs, starts = [p + r for _, p, r in keep], [len(p) for _, p, _ in keep]
     slm_out = slm_positions(slm, tok, seqs, starts, args.top_k)
-    times["2 SLM features"] += time.perf_counter() - t
+    steps.done(1, len(keep), t)
     t = time.perf_counter()
     # 3. Continue the LLM from every mismatch: to the end (answer check) or two sentences on (judge).
     branches = [(b, starts[b] + j, s) for b, (argmax, _, _) in enumerate(slm_out)
@@ -178,7 +199,7 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, times):
     else:
         stop, budget = (lambda o: sum(t in ends for t in o) >= 2 or o[-1] in eos), args.judge_span
     cont = continue_branches(llm, tok, seqs, branches, stop, budget, args.batch_size)
-    times["3 continuations"] += time.perf_counter() - t
+    steps.done(2, len(branches), t)
     t = time.perf_counter()
     # 4. Verify: neutral (0) or divergent (1); unverifiable mismatches are dropped and counted.
     verdicts = {}
@@ -194,7 +215,7 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, times):
         for (b, n, _), (_, reply, _) in zip(branches, replies):
             verdicts[b, n - starts[b]] = parse_judge(judge_tok.decode(reply))
     stats["verifier drops"] += sum(v is None for v in verdicts.values())
-    times["4 verifier"] += time.perf_counter() - t
+    steps.done(3, len(branches), t)
     out = collections.defaultdict(list)
     for b, ((i, _, response), (argmax, hidden, topk)) in enumerate(zip(keep, slm_out)):
         for j, (s, l) in enumerate(zip(argmax, response)):
@@ -264,20 +285,20 @@ def main(argv=None):
         os.replace(meta_path + ".tmp", meta_path)
     eos = r2r.eos_ids(llm)
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | eos
-    times = collections.Counter()
-    chunks = range(0, len(rows), args.batch_size)
-    for c in tqdm(chunks, desc="label", unit="chunk"):
+    chunks = [c for c in range(0, len(rows), args.batch_size)  # those an earlier run has not finished
+              if not os.path.exists(os.path.join(shards, f"{c // args.batch_size:05d}"))]
+    steps = Steps(len(rows), len(rows) - sum(len(rows[c:c + args.batch_size]) for c in chunks))
+    for c in chunks:
         path = os.path.join(shards, f"{c // args.batch_size:05d}")
-        if os.path.exists(path):
-            continue  # finished by an earlier run
-        out, stats = label_chunk(slm, llm, tok, rows[c:c + args.batch_size], args, judge, eos, ends, times)
+        out, stats = label_chunk(slm, llm, tok, rows[c:c + args.batch_size], args, judge, eos, ends, steps)
         ds = datasets.Dataset.from_dict(out or {k: [] for k in FEATURES}, features=FEATURES)
         shutil.rmtree(path + ".tmp", ignore_errors=True)  # left by a run killed mid-write
         ds.save_to_disk(path + ".tmp")
         with open(os.path.join(path + ".tmp", "stats.json"), "w") as f:
             json.dump(stats, f)
         os.replace(path + ".tmp", path)
-    summarize(args.out, tok, times)
+    steps.close()
+    summarize(args.out, tok, steps.seconds)
 
 
 FEATURES = datasets.Features(dict(
@@ -304,7 +325,7 @@ def summarize(folder, tok, times):
                                 if r["kind"] == "neutral")
     print("  commonest neutral (SLM / LLM): " + ", ".join(f"{a!r}/{b!r} {v}" for (a, b), v in pairs.most_common(6)))
     print("  dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(stats.items())) or "nothing"))
-    print("  time per stage (this run): " + ", ".join(f"{k} {v:.0f}s" for k, v in sorted(times.items())))
+    print("  time per step (this run): " + ", ".join(f"{k} {v:.0f}s" for k, v in sorted(times.items())))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,37 @@ def scores_of(router, emb_table, data, idx, batch=8192):
     return torch.sigmoid(torch.cat(out))
 
 
+def fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
+    """AdamW on class-weighted BCE; keeps the weights of the best validation loss and stops
+    after --patience epochs without a better one (R2R Stage 2)."""
+    opt = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    best, best_state, bad = float("inf"), None, 0
+    bar = tqdm(range(args.epochs), desc="router", unit="epoch")
+    for epoch in bar:
+        router.train()
+        losses = []
+        for i in tr_idx[torch.randperm(len(tr_idx))].split(args.batch_size):
+            logit = router(data["hidden"][i], data["topk"][i], emb_table(data["slm_token"][i]))
+            loss = F.binary_cross_entropy_with_logits(logit, y[i], pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        s, yv = scores_of(router, emb_table, data, va_idx), y[va_idx]
+        vl = F.binary_cross_entropy(s.clamp(1e-7, 1 - 1e-7), yv, weight=1 + (pos_weight - 1) * yv).item()
+        rec, share = recall_share(s, yv, threshold_for_recall(s, yv, args.recall))
+        bar.write(f"epoch {epoch + 1:3d} | train loss {sum(losses) / len(losses):.4f} | val loss {vl:.4f} | "
+                  f"val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share {share:.1%}")
+        if vl < best:
+            best, best_state, bad = vl, {k: v.clone() for k, v in router.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= args.patience:
+                bar.write(f"early stop: no better validation loss for {args.patience} epochs")
+                break
+    router.load_state_dict(best_state)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
@@ -128,40 +159,9 @@ def main(argv=None):
     pos_weight = torch.tensor((len(tr_idx) - n_pos) / n_pos)
     router = r2r.Router(data["hidden"].shape[1], data["topk"].shape[1], args.width, args.blocks, args.dropout,
                         slm=meta["fingerprint"])
-    opt = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     print(f"{len(tr_idx)} train / {len(va_idx)} validation positions, {y.mean():.2%} divergent, "
           f"pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters")
-
-    def val_loss():
-        router.eval()
-        with torch.no_grad():
-            s = scores_of(router, emb_table, data, va_idx)
-            return F.binary_cross_entropy(s.clamp(1e-7, 1 - 1e-7), y[va_idx], weight=1 + (pos_weight - 1) * y[va_idx]
-                                          ).item(), s
-
-    best, best_state, bad = float("inf"), None, 0
-    bar = tqdm(range(args.epochs), desc="router", unit="epoch")
-    for epoch in bar:
-        router.train()
-        for i in tr_idx[torch.randperm(len(tr_idx))].split(args.batch_size):
-            logit = router(data["hidden"][i], data["topk"][i], emb_table(data["slm_token"][i]))
-            loss = F.binary_cross_entropy_with_logits(logit, y[i], pos_weight=pos_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        vl, s = val_loss()
-        t = threshold_for_recall(s, y[va_idx], args.recall)
-        rec, share = recall_share(s, y[va_idx], t)
-        bar.write(f"epoch {epoch + 1:3d} | train loss {loss.item():.4f} | val loss {vl:.4f} | val AUC "
-                  f"{auc(s, y[va_idx]):.3f} | recall {rec:.3f} at LLM share {share:.1%}")
-        if vl < best:
-            best, best_state, bad = vl, {k: v.clone() for k, v in router.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= args.patience:
-                bar.write(f"early stop: no better validation loss for {args.patience} epochs")
-                break
-    router.load_state_dict(best_state)
+    fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args)
 
     # Threshold and report on validation prompts, beside the confidence baselines.
     s, yv = scores_of(router, emb_table, data, va_idx), y[va_idx]
