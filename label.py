@@ -265,7 +265,7 @@ def main(argv=None):
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
     judge = None
     if args.verifier != "answer":
-        judge = (r2r.load_model(args.verifier, device, dtype), r2r._from_pretrained(r2r.AutoTokenizer, args.verifier))
+        judge = r2r.load_model(args.verifier, device, dtype), r2r.load_tokenizer(args.verifier)
     args.top_k = min(args.top_k, len(tok))
     # Resuming is only safe with the same arguments: they are kept beside the shards.
     meta = dict(slm=args.slm, llm=args.llm, prompts=args.prompts, split=args.split, verifier=args.verifier,
@@ -285,11 +285,10 @@ def main(argv=None):
         os.replace(meta_path + ".tmp", meta_path)
     eos = r2r.eos_ids(llm)
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | eos
-    chunks = [c for c in range(0, len(rows), args.batch_size)  # those an earlier run has not finished
-              if not os.path.exists(os.path.join(shards, f"{c // args.batch_size:05d}"))]
-    steps = Steps(len(rows), len(rows) - sum(len(rows[c:c + args.batch_size]) for c in chunks))
-    for c in chunks:
-        path = os.path.join(shards, f"{c // args.batch_size:05d}")
+    todo = [(c, os.path.join(shards, f"{c // args.batch_size:05d}")) for c in range(0, len(rows), args.batch_size)]
+    todo = [(c, path) for c, path in todo if not os.path.exists(path)]  # skip what an earlier run finished
+    steps = Steps(len(rows), len(rows) - sum(len(rows[c:c + args.batch_size]) for c, _ in todo))
+    for c, path in todo:
         out, stats = label_chunk(slm, llm, tok, rows[c:c + args.batch_size], args, judge, eos, ends, steps)
         ds = datasets.Dataset.from_dict(out or {k: [] for k in FEATURES}, features=FEATURES)
         shutil.rmtree(path + ".tmp", ignore_errors=True)  # left by a run killed mid-write

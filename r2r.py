@@ -78,6 +78,10 @@ def _from_pretrained(loader, path, **kw):
                        "folders and models already in the hub cache load")
 
 
+def load_tokenizer(path):
+    return _from_pretrained(AutoTokenizer, path)
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
     return model.to(device).eval()
@@ -87,7 +91,7 @@ def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32):
     """Load SLM, LLM and the tokenizer they share. Tokenizers must agree id for id; the
     lm_head may be padded differently within a family (README, transformers 5.x notes), so
     only the tokenizer's ids [0, len(tok)) are ever compared."""
-    tok, llm_tok = (_from_pretrained(AutoTokenizer, p) for p in (slm_path, llm_path))
+    tok, llm_tok = load_tokenizer(slm_path), load_tokenizer(llm_path)
     if tok.get_vocab() != llm_tok.get_vocab():
         raise R2RError(f"the tokenizers of {slm_path} and {llm_path} differ: R2R needs an SLM and LLM "
                        "that share one tokenizer (same family, e.g. Qwen2.5-0.5B with Qwen2.5-7B)")

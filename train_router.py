@@ -59,7 +59,7 @@ def load_features(folder, device):
         raise r2r.R2RError(f"{folder} has no divergent labels, so there is nothing to route: label more prompts "
                            "or check the verifier")
     slm = r2r.load_model(meta["slm"], device)
-    tok = r2r._from_pretrained(r2r.AutoTokenizer, meta["slm"])
+    tok = r2r.load_tokenizer(meta["slm"])
     have = r2r.fingerprint(slm, tok)
     if any(have[k] != meta["fingerprint"][k] for k in ("hidden_size", "vocab", "embedding_sha")):
         raise r2r.R2RError(f"{meta['slm']} is not the SLM that made the labels in {folder}")
