@@ -45,13 +45,15 @@ def sync(device):
 
 
 def timed(fn, device, reps):
-    """Mean seconds per call of fn(), after one warm-up call."""
+    """Mean latency of fn() in seconds, after one warm-up call. Each call is waited for:
+    the decode loop must read every result before it can take its next decision, so on a
+    GPU the host's launch time and the kernels' run time add up rather than overlap."""
     fn()
     sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    sync(device)
+        sync(device)
     return (time.perf_counter() - t) / reps
 
 
@@ -70,9 +72,10 @@ def random_pair(name, device, dtype):
 
 @torch.no_grad()
 def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
-    """The parts, each timed alone: SLM step, router call, an LLM pass over g tokens after a
-    cache of prompt length for every gap length g that R2R's LLM calls had, and the LLM's
-    prompt prefill, which each prompt's first LLM call also does."""
+    """The parts, each timed alone as the loop runs it, down to reading its token: SLM step,
+    router call, an LLM pass over g tokens after a cache of prompt length for every gap
+    length g that R2R's LLM calls had, and the LLM's prompt prefill, which each prompt's
+    first LLM call also does."""
     gaps = [max(g, 1) for t in traces for g in t.catch_up]
     ids = torch.zeros(1, max([prompt_len] + gaps), dtype=torch.long, device=device)
 
@@ -81,7 +84,7 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
         r2r.forward(model, ids[:, :prompt_len], cache)
 
         def one_pass():
-            r2r.forward(model, ids[:, :g], cache)
+            r2r.pick(r2r.forward(model, ids[:, :g], cache)[1][0, -1])
             cache.crop(-g)  # transformers 5.x: a negative count drops that many tokens
             assert cache.get_seq_length() == prompt_len
         return one_pass
@@ -91,7 +94,7 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
     feats = (torch.randn(1, H, device=device), torch.randn(1, k, device=device), torch.randn(1, H, device=device))
     router_s = timed(lambda: torch.sigmoid(router(*feats)).item(), device, reps)
     llm_s = {g: timed(step(llm, g), device, reps) for g in set(gaps)}
-    prefill_s = timed(lambda: r2r.forward(llm, ids[:, :prompt_len], DynamicCache()), device, reps)
+    prefill_s = timed(lambda: r2r.pick(r2r.forward(llm, ids[:, :prompt_len], DynamicCache())[1][0, -1]), device, reps)
     n, first_calls = sum(len(t.tokens) for t in traces), sum(bool(t.catch_up) for t in traces)
     return n * (slm_s + router_s) + sum(llm_s[g] for g in gaps) + first_calls * prefill_s, slm_s, router_s
 
@@ -149,6 +152,9 @@ def main(argv=None):
           f"{1000 * router_s:.2f} ms per token, plus the LLM calls)")
     print(f"measured / ideal = {r2r_ms / (1000 * ideal / n):.2f}; speedup over LLM only = "
           f"{results['llm'][1] / r2r_ms:.2f}x")
+    if device.type == "cuda":
+        gib = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"{torch.cuda.get_device_name(device)}: peak memory {gib:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def pick_device(device=None, dtype=None):
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("bfloat16", "float16", "float32"):
         raise R2RError(f"--dtype {dtype} is not one of bfloat16, float16, float32")
+    if device.startswith("cuda"):
+        # cuDNN's attention kernel (SDPA's first pick on Hopper) builds a plan for every
+        # new sequence length: a decode that grows one token per step pays it each step.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     print(f"device {device}, dtype {dtype} ({why})")
     return torch.device(device), getattr(torch, dtype)
 
