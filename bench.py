@@ -2,7 +2,7 @@
 bench.py: R2R's speed at batch size 1, against LLM only and against the ideal that its
 own parts allow.
 
-    python bench.py                                   # the demo pair on this machine
+    python bench.py                                   # the demo pair (or --slm/--llm/--router)
     python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
 
 For each of SLM only, LLM only and R2R it decodes the same prompts and reports ms per new
@@ -14,7 +14,6 @@ router sends --share of the tokens to the LLM (the paper's R1-1.5B + R1-32B: abo
 Warm-up runs first; on a GPU every clock is read after a synchronize.
 """
 import argparse
-import os
 import time
 
 import torch
@@ -101,28 +100,25 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="demo", choices=["demo"] + list(PAIRS),
-                   help="demo: the shipped pair and router; else random weights of published sizes")
-    p.add_argument("--router", default=os.path.join(r2r.DEMO, "router"), help="router folder for --pair demo")
+    r2r.add_common_args(p, prompts="test.jsonl", split="test")
+    p.add_argument("--pair", default=None, choices=list(PAIRS),
+                   help="instead of --slm/--llm/--router: random weights of a published pair")
     p.add_argument("--share", type=float, default=0.13, help="LLM share of the random router (published pairs)")
-    p.add_argument("--prompts", default=os.path.join(r2r.DEMO, "test.jsonl"), help="prompts for --pair demo")
     p.add_argument("--n-prompts", type=int, default=20, help="prompts decoded per mode")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (published pairs: "
                    "exactly this many, no EOS)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
     p.add_argument("--reps", type=int, default=20, help="repetitions when timing each part")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
     args = p.parse_args(argv)
     if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.reps) < 1:
         raise r2r.R2RError("--share must lie in [0, 1]; counts must be at least 1")
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
-    if args.pair == "demo":
-        slm, llm, tok = r2r.load_pair(os.path.join(r2r.DEMO, "slm"), os.path.join(r2r.DEMO, "llm"), device, dtype)
+    if args.pair is None:
+        slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
         router = r2r.load_router(args.router, slm, tok, device)
-        rows = r2r.read_prompts(args.prompts, limit=args.n_prompts)
-        prompts, eos = [r2r.encode_prompt(tok, r["prompt"]) for r in rows], None
+        rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
+        prompts, eos = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows], None
     else:
         slm, llm, tok = random_pair(args.pair, device, dtype)
         router = r2r.ConfidenceRouter("random", 100, 1 - args.share, gen)

@@ -173,7 +173,6 @@ class Steps:
             bar.close()
 
 
-
 def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
     """All four steps for one chunk of prompts. Returns (rows of the dataset, counters)."""
     stats = collections.Counter()
