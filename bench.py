@@ -57,8 +57,8 @@ def timed(fn, device, reps):
 
 
 def random_pair(name, device, dtype):
-    """SLM and LLM of a published pair with random weights; a stand-in tokenizer object
-    whose length is the shared vocabulary (no text is decoded)."""
+    """SLM and LLM of a published pair with random weights, and the shared tokenizer's
+    length (151,643 ids for these Qwen families; no text is decoded)."""
     models = []
     for key in PAIRS[name]:
         torch.manual_seed(0)
@@ -66,7 +66,7 @@ def random_pair(name, device, dtype):
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device(device):
             models.append(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
-    return models[0], models[1], type("Vocab", (), {"__len__": lambda self: 151643})()
+    return models[0], models[1], 151643
 
 
 @torch.no_grad()
@@ -116,21 +116,23 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
         slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
+        vocab = len(tok)
         router = r2r.load_router(args.router, slm, tok, device)
         rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
         prompts, eos = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows], None
     else:
-        slm, llm, tok = random_pair(args.pair, device, dtype)
+        slm, llm, vocab = random_pair(args.pair, device, dtype)
         router = r2r.ConfidenceRouter("random", 100, 1 - args.share, gen)
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, len(tok), (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
+        prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
         eos = set()  # random weights: decode exactly --max-new-tokens
     print(f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
           f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, batch size 1")
 
     def run(mode):
-        r2r.decode(slm, llm, router, tok, prompts[0], 8, mode, eos=eos, generator=gen)  # warm-up
-        traces = [r2r.decode(slm, llm, router, tok, pr, args.max_new_tokens, mode, eos=eos, generator=gen)
+        kw = dict(vocab_size=vocab, mode=mode, eos=eos, generator=gen)
+        r2r.decode(slm, llm, router, prompts[0], max_new_tokens=8, **kw)  # warm-up
+        traces = [r2r.decode(slm, llm, router, pr, max_new_tokens=args.max_new_tokens, **kw)
                   for pr in prompts]
         n, s = sum(len(t.tokens) for t in traces), sum(t.seconds for t in traces)
         return traces, 1000 * s / n, n

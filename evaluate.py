@@ -37,7 +37,7 @@ def greedy_all(model, is_llm, tok, rows, args, batch_size=100):
 
 
 def decode_all(slm, llm, router, tok, prompts, args, desc, **kw):
-    return [r2r.decode(slm, llm, router, tok, p, args.max_new_tokens, **kw)
+    return [r2r.decode(slm, llm, router, p, vocab_size=len(tok), max_new_tokens=args.max_new_tokens, **kw)
             for p in tqdm(prompts, desc=desc, leave=False)]
 
 

@@ -86,8 +86,9 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for prompt in prompts:
         ids = r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template)
-        trace = r2r.decode(slm, llm, router, tok, ids, args.max_new_tokens, args.mode, args.threshold,
-                           args.temperature, args.top_p, generator)
+        trace = r2r.decode(slm, llm, router, ids, vocab_size=len(tok), max_new_tokens=args.max_new_tokens,
+                           mode=args.mode, threshold=args.threshold, temperature=args.temperature,
+                           top_p=args.top_p, generator=generator)
         s = summarize(trace, p_slm, p_llm)
         if args.json:
             text = tok.decode(trace.tokens, skip_special_tokens=True)

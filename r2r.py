@@ -1,9 +1,10 @@
 """
 r2r.py: everything the R2R scripts share ("Roads to Rome", arXiv 2505.21600).
 
-label.py, train_router.py and generate.py import this module and nothing else of ours:
-loading an SLM/LLM pair and its tokenizer, device and dtype, prompts and the answer rule,
-the router (an MLP), the router's features, and the mixed decoding loop. It does not
+label.py, train_router.py and generate.py import this module and nothing else of ours.
+Read top to bottom, it is the method first: the model steps and the router's features, the
+router (an MLP) and its baselines, the mixed decoding loop. The plumbing comes last: the
+command line, device and dtype, loading a pair, prompts and the answer rule. It does not
 label, train or print reports; the scripts do.
 """
 import hashlib
@@ -23,170 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
 
-
 class R2RError(Exception):
     """Bad input: the scripts print its message as one line and exit with status 1."""
-
-
-def run_main(main):
-    """Run a script's main(); bad input becomes one line on stderr, never a traceback."""
-    try:
-        main()
-    except R2RError as e:
-        raise SystemExit(f"error: {e}")
-
-# ----------------------------------------------------------------------------- command line
-
-def add_common_args(p, router=True, prompts=None, split="train"):
-    """The flags the scripts share: the pair, its router, the device, and a prompt source."""
-    p.add_argument("--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder")
-    p.add_argument("--llm", default=os.path.join(DEMO, "llm"), help="large model sharing the SLM's tokenizer")
-    if router:
-        p.add_argument("--router", default=os.path.join(DEMO, "router"), help="router folder from train_router.py")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
-    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
-    if prompts:
-        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help="JSON/JSONL file or hub dataset")
-        p.add_argument("--split", default=split, help="split of a hub dataset")
-        p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
-        p.add_argument("--answer-field", default="answer", help="field holding the final answer")
-
-# ----------------------------------------------------------------------------- device, models
-
-def pick_device(device=None, dtype=None):
-    """cuda, then mps, then cpu; bf16 on cuda, fp32 elsewhere. Prints the choice and why."""
-    why = "as asked" if device and dtype else "the best present" if not device else "default for the device"
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dtype is None:
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise R2RError(f"--dtype {dtype} is not one of bfloat16, float16, float32")
-    if device.startswith("cuda"):
-        # cuDNN's attention kernel (SDPA's first pick on Hopper) builds a plan for every
-        # new sequence length: a decode that grows one token per step pays it each step.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    print(f"device {device}, dtype {dtype} ({why})")
-    return torch.device(device), getattr(torch, dtype)
-
-
-def _from_pretrained(loader, path, **kw):
-    path = os.path.expanduser(path)
-    if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
-        raise R2RError(f"no model folder at {path}: give a local folder or a hub name")
-    try:
-        return loader.from_pretrained(path, **kw)
-    except OSError as e:
-        raise R2RError(f"cannot load {path} ({str(e).splitlines()[0]}); with HF_HUB_OFFLINE=1 only local "
-                       "folders and models already in the hub cache load")
-
-
-def load_tokenizer(path):
-    return _from_pretrained(AutoTokenizer, path)
-
-
-def load_model(path, device="cpu", dtype=torch.float32):
-    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32):
-    """Load SLM, LLM and the tokenizer they share. Tokenizers must agree id for id; the
-    lm_head may be padded differently within a family (README, transformers 5.x notes), so
-    only the tokenizer's ids [0, len(tok)) are ever compared."""
-    tok, llm_tok = load_tokenizer(slm_path), load_tokenizer(llm_path)
-    if tok.get_vocab() != llm_tok.get_vocab():
-        raise R2RError(f"the tokenizers of {slm_path} and {llm_path} differ: R2R needs an SLM and LLM "
-                       "that share one tokenizer (same family, e.g. Qwen2.5-0.5B with Qwen2.5-7B)")
-    slm, llm = load_model(slm_path, device, dtype), load_model(llm_path, device, dtype)
-    for m, p in ((slm, slm_path), (llm, llm_path)):
-        if m.config.get_text_config().vocab_size < len(tok):
-            raise R2RError(f"{p} has fewer output rows than its tokenizer has ids ({len(tok)})")
-    return slm, llm, tok
-
-
-def eos_ids(*models):
-    """Every EOS id in the models' generation configs."""
-    ids = set()
-    for m in models:
-        e = m.generation_config.eos_token_id
-        ids.update([] if e is None else [e] if isinstance(e, int) else e)
-    return ids
-
-
-def pad_id(tok, model):
-    """The tokenizer's pad id, else an EOS id (many chat models define no pad token)."""
-    return tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids(model))
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-# ----------------------------------------------------------------------------- prompts, answers
-
-def read_prompts(source, split="train", prompt_field="prompt", answer_field="answer", limit=None):
-    """Rows {"prompt", "answer"} from a local JSON/JSONL file or a HuggingFace dataset;
-    "answer" is None when the data has none."""
-    import datasets
-    datasets.disable_progress_bars()
-    try:
-        if os.path.isfile(source):
-            with open(source) as f:
-                if not f.read(4096).strip():
-                    raise R2RError(f"{source} holds no prompts")
-            ds = datasets.load_dataset("json", data_files=source, split="train")
-        elif source.endswith((".json", ".jsonl")):
-            raise R2RError(f"no prompts file at {source}")
-        else:
-            ds = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError, StopIteration) as e:
-        raise R2RError(f"cannot read prompts from {source} ({str(e).splitlines()[0]})")
-    if prompt_field not in ds.column_names:
-        raise R2RError(f"{source} has no field '{prompt_field}' (fields: {', '.join(ds.column_names)}); "
-                       "name the right one with --prompt-field")
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    if len(ds) == 0:
-        raise R2RError(f"{source} holds no prompts")
-    answers = ds[answer_field] if answer_field in ds.column_names else [None] * len(ds)
-    return [{"prompt": p, "answer": None if a is None else str(a)} for p, a in zip(ds[prompt_field], answers)]
-
-
-def encode_prompt(tok, text, chat=True):
-    """Token ids of a user prompt, through the tokenizer's chat template when it has one."""
-    if not text.strip():
-        raise R2RError("empty prompt: give some text with --prompt")
-    if chat and tok.chat_template:
-        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"])
-    return tok.encode(text)
-
-
-def extract_answer(text):
-    """The final answer of a response, or None. Takes the last \\boxed{...} (reasoning
-    models), else a number closing the text after "so"/"thus"/"answer" (the demo task);
-    spaces between digits are dropped: "... so 7 7 9 3" -> "7793"."""
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        return boxed[-1].strip()
-    m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
-    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
-
-
-def load_labels(folder):
-    """A label.py folder: (its meta.json, every finished shard as one dataset)."""
-    import datasets
-    path = os.path.join(folder, "meta.json")
-    if not os.path.isfile(path):
-        raise R2RError(f"no labels in {folder}: make them with label.py or pass --labels")
-    with open(path) as f:
-        meta = json.load(f)
-    shards = sorted(s for s in os.listdir(os.path.join(folder, "shards")) if not s.endswith(".tmp"))
-    if not shards:
-        raise R2RError(f"{folder} holds no finished chunk yet: run label.py to the end")
-    return meta, datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(folder, "shards", s))
-                                                for s in shards])
 
 # ----------------------------------------------------------------------------- model steps
 
@@ -218,25 +57,6 @@ def pick(logits, temperature=0.0, top_p=1.0, generator=None):
     p, idx = probs.sort(descending=True)
     p[(p.cumsum(-1) - p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
     return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
-
-
-@torch.no_grad()
-def greedy_batch(model, tok, prompts, max_new_tokens, chat=True):
-    """Greedy responses to many prompts at once with model.generate (left padding).
-    Returns (prompt_ids, response_ids, finished) per prompt; a finished response ends with
-    the EOS token the model wrote."""
-    rows, pad = [encode_prompt(tok, p, chat) for p in prompts], pad_id(tok, model)
-    T = max(map(len, rows))
-    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    vocab = model.config.get_text_config().vocab_size
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, suppress_tokens=list(range(len(tok), vocab)) or None)
-    eos, results = eos_ids(model), []
-    for r, new in zip(rows, out[:, T:].tolist()):
-        end = next((i for i, t in enumerate(new) if t in eos), None)
-        results.append((r, new if end is None else new[:end + 1], end is not None))
-    return results
 
 # ----------------------------------------------------------------------------- the router
 
@@ -373,7 +193,7 @@ def catch_up(llm, pending, cache):
 
 
 @torch.no_grad()
-def decode(slm, llm, router, tok, prompt_ids, max_new_tokens, mode="r2r", threshold=None,
+def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2r", threshold=None,
            temperature=0.0, top_p=1.0, generator=None, eos=None, check=None):
     """Mixed decoding at batch size 1 with two DynamicCaches and no rollback.
 
@@ -385,7 +205,7 @@ def decode(slm, llm, router, tok, prompt_ids, max_new_tokens, mode="r2r", thresh
     step), the LLM cache holds prompt + new tokens up to its last call, and `pending` is the
     rest. `check(slm_cache, llm_cache, pending, trace)` is called after each step (tests).
     """
-    V = len(tok)  # only the shared tokenizer's ids are ever compared or emitted
+    V = vocab_size  # the shared tokenizer's length: only its ids are ever compared or emitted
     threshold = router.threshold if threshold is None and router is not None else threshold
     eos = eos_ids(slm, llm) if eos is None else eos
     slm_cache, llm_cache, pending, trace = DynamicCache(), DynamicCache(), list(prompt_ids), Trace()
@@ -420,3 +240,183 @@ def activated_params(trace, p_slm, p_llm):
     """Average activated parameters per token, the authors' formula (README, "The method")."""
     n, n_llm = len(trace.tokens), sum(trace.from_llm)
     return ((n - n_llm) * p_slm + n_llm * p_llm) / max(n, 1)
+
+
+@torch.no_grad()
+def greedy_batch(model, tok, prompts, max_new_tokens, chat=True):
+    """Greedy responses to many prompts at once with model.generate (left padding).
+    Returns (prompt_ids, response_ids, finished) per prompt; a finished response ends with
+    the EOS token the model wrote."""
+    rows, pad = [encode_prompt(tok, p, chat) for p in prompts], pad_id(tok, model)
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    vocab = model.config.get_text_config().vocab_size
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, suppress_tokens=list(range(len(tok), vocab)) or None)
+    eos, results = eos_ids(model), []
+    for r, new in zip(rows, out[:, T:].tolist()):
+        end = next((i for i, t in enumerate(new) if t in eos), None)
+        results.append((r, new if end is None else new[:end + 1], end is not None))
+    return results
+
+# ----------------------------------------------------------------------------- command line
+
+def run_main(main):
+    """Run a script's main(); bad input becomes one line on stderr, never a traceback."""
+    try:
+        main()
+    except R2RError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def add_common_args(p, router=True, prompts=None, split="train"):
+    """The flags the scripts share: the pair, its router, the device, and a prompt source."""
+    p.add_argument("--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder")
+    p.add_argument("--llm", default=os.path.join(DEMO, "llm"), help="large model sharing the SLM's tokenizer")
+    if router:
+        p.add_argument("--router", default=os.path.join(DEMO, "router"), help="router folder from train_router.py")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
+    if prompts:
+        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help="JSON/JSONL file or hub dataset")
+        p.add_argument("--split", default=split, help="split of a hub dataset")
+        p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
+        p.add_argument("--answer-field", default="answer", help="field holding the final answer")
+
+# ----------------------------------------------------------------------------- device, models
+
+def pick_device(device=None, dtype=None):
+    """cuda, then mps, then cpu; bf16 on cuda, fp32 elsewhere. Prints the choice and why."""
+    why = "as asked" if device and dtype else "the best present" if not device else "default for the device"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise R2RError(f"--dtype {dtype} is not one of bfloat16, float16, float32")
+    if device.startswith("cuda"):
+        # cuDNN's attention kernel (SDPA's first pick on Hopper) builds a plan for every
+        # new sequence length: a decode that grows one token per step pays it each step.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    print(f"device {device}, dtype {dtype} ({why})")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def _from_pretrained(loader, path, **kw):
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise R2RError(f"no model folder at {path}: give a local folder or a hub name")
+    try:
+        return loader.from_pretrained(path, **kw)
+    except OSError as e:
+        raise R2RError(f"cannot load {path} ({str(e).splitlines()[0]}); with HF_HUB_OFFLINE=1 only local "
+                       "folders and models already in the hub cache load")
+
+
+def load_tokenizer(path):
+    return _from_pretrained(AutoTokenizer, path)
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32):
+    """Load SLM, LLM and the tokenizer they share. Tokenizers must agree id for id; the
+    lm_head may be padded differently within a family (README, transformers 5.x notes), so
+    only the tokenizer's ids [0, len(tok)) are ever compared."""
+    tok, llm_tok = load_tokenizer(slm_path), load_tokenizer(llm_path)
+    if tok.get_vocab() != llm_tok.get_vocab():
+        raise R2RError(f"the tokenizers of {slm_path} and {llm_path} differ: R2R needs an SLM and LLM "
+                       "that share one tokenizer (same family, e.g. Qwen2.5-0.5B with Qwen2.5-7B)")
+    slm, llm = load_model(slm_path, device, dtype), load_model(llm_path, device, dtype)
+    for m, p in ((slm, slm_path), (llm, llm_path)):
+        if m.config.get_text_config().vocab_size < len(tok):
+            raise R2RError(f"{p} has fewer output rows than its tokenizer has ids ({len(tok)})")
+    return slm, llm, tok
+
+
+def eos_ids(*models):
+    """Every EOS id in the models' generation configs."""
+    ids = set()
+    for m in models:
+        e = m.generation_config.eos_token_id
+        ids.update([] if e is None else [e] if isinstance(e, int) else e)
+    return ids
+
+
+def pad_id(tok, model):
+    """The tokenizer's pad id, else an EOS id (many chat models define no pad token)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids(model))
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+# ----------------------------------------------------------------------------- prompts, answers, labels
+
+def read_prompts(source, split="train", prompt_field="prompt", answer_field="answer", limit=None):
+    """Rows {"prompt", "answer"} from a local JSON/JSONL file or a HuggingFace dataset;
+    "answer" is None when the data has none."""
+    import datasets
+    datasets.disable_progress_bars()
+    try:
+        if os.path.isfile(source):
+            with open(source) as f:
+                if not f.read(4096).strip():
+                    raise R2RError(f"{source} holds no prompts")
+            ds = datasets.load_dataset("json", data_files=source, split="train")
+        elif source.endswith((".json", ".jsonl")):
+            raise R2RError(f"no prompts file at {source}")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, StopIteration) as e:
+        raise R2RError(f"cannot read prompts from {source} ({str(e).splitlines()[0]})")
+    if prompt_field not in ds.column_names:
+        raise R2RError(f"{source} has no field '{prompt_field}' (fields: {', '.join(ds.column_names)}); "
+                       "name the right one with --prompt-field")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise R2RError(f"{source} holds no prompts")
+    answers = ds[answer_field] if answer_field in ds.column_names else [None] * len(ds)
+    return [{"prompt": p, "answer": None if a is None else str(a)} for p, a in zip(ds[prompt_field], answers)]
+
+
+def encode_prompt(tok, text, chat=True):
+    """Token ids of a user prompt, through the tokenizer's chat template when it has one."""
+    if not text.strip():
+        raise R2RError("empty prompt: give some text with --prompt")
+    if chat and tok.chat_template:
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"])
+    return tok.encode(text)
+
+
+def extract_answer(text):
+    """The final answer of a response, or None. Takes the last \\boxed{...} (reasoning
+    models), else a number closing the text after "so"/"thus"/"answer" (the demo task);
+    spaces between digits are dropped: "... so 7 7 9 3" -> "7793"."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
+    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
+
+
+def load_labels(folder):
+    """A label.py folder: (its meta.json, every finished shard as one dataset)."""
+    import datasets
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        raise R2RError(f"no labels in {folder}: make them with label.py or pass --labels")
+    with open(path) as f:
+        meta = json.load(f)
+    shards = sorted(s for s in os.listdir(os.path.join(folder, "shards")) if not s.endswith(".tmp"))
+    if not shards:
+        raise R2RError(f"{folder} holds no finished chunk yet: run label.py to the end")
+    return meta, datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(folder, "shards", s))
+                                                for s in shards])

@@ -37,7 +37,7 @@ def oracle(model, tok, ids, n):
 def test_forced_modes_equal_generate(pair, tok, mode):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    trace = r2r.decode(slm, llm, None, tok, ids, 24, mode=mode, eos=set())
+    trace = r2r.decode(slm, llm, None, ids, vocab_size=len(tok), max_new_tokens=24, mode=mode, eos=set())
     assert trace.tokens == oracle(slm if mode == "slm" else llm, tok, ids, 24)
     assert trace.from_llm == [int(mode == "llm")] * 24
 
@@ -45,7 +45,7 @@ def test_forced_modes_equal_generate(pair, tok, mode):
 def test_r2r_tokens_are_their_source_models_argmax(pair, tok):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    trace = r2r.decode(slm, llm, SignRouter(), tok, ids, 24, eos=set())
+    trace = r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=24, eos=set())
     assert 0 < sum(trace.from_llm) < 24, "the test needs both models to write"
     for i, (token, src) in enumerate(zip(trace.tokens, trace.from_llm)):
         model = llm if src else slm
@@ -81,7 +81,7 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
             assert pending == trace.tokens[-1:]
         steps.append(n)
 
-    r2r.decode(slm, llm, SignRouter(), tok, ids, 16, mode=mode, eos=set(), check=check)
+    r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=16, mode=mode, eos=set(), check=check)
     assert steps == list(range(1, 17))
 
 
@@ -91,7 +91,8 @@ def test_sampling_is_reproducible(pair, tok):
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return r2r.decode(slm, llm, SignRouter(), tok, ids, 20, temperature=1.0, top_p=0.9, generator=g, eos=set())
+        return r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=20, temperature=1.0,
+                          top_p=0.9, generator=g, eos=set())
 
     a, b = run(3), run(3)
     assert a.tokens == b.tokens and a.from_llm == b.from_llm
@@ -101,8 +102,9 @@ def test_sampling_is_reproducible(pair, tok):
 def test_stops_at_eos(tok):
     slm = tiny_model("llama", tok, 1, 32, seed=1)
     ids = r2r.encode_prompt(tok, PROMPT)
-    first = r2r.decode(slm, slm, None, tok, ids, 5, mode="slm", eos=set()).tokens
-    assert r2r.decode(slm, slm, None, tok, ids, 5, mode="slm", eos={first[2]}).tokens == first[:3]
+    kw = dict(vocab_size=len(tok), max_new_tokens=5, mode="slm")
+    first = r2r.decode(slm, slm, None, ids, eos=set(), **kw).tokens
+    assert r2r.decode(slm, slm, None, ids, eos={first[2]}, **kw).tokens == first[:3]
 
 
 @pytest.mark.parametrize("mode", ["slm", "llm"])
@@ -110,7 +112,7 @@ def test_demo_pair_forced_modes_equal_generate(demo_pair, mode):
     slm, llm, tok = demo_pair
     ids = r2r.encode_prompt(tok, PROMPT)
     model = slm if mode == "slm" else llm
-    trace = r2r.decode(slm, llm, None, tok, ids, 80, mode=mode)
+    trace = r2r.decode(slm, llm, None, ids, vocab_size=len(tok), max_new_tokens=80, mode=mode)
     out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[0, len(ids):].tolist()
     assert trace.tokens == out[:len(trace.tokens)] and trace.tokens[-1] == tok.eos_token_id
     if mode == "llm":
