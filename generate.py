@@ -15,6 +15,7 @@ The decoding loop itself lives in r2r.decode, where bench.py and evaluate.py use
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -46,6 +47,20 @@ def parse_args(argv=None):
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise r2r.R2RError("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
+
+
+# The one task the shipped demo pair was trained on (demo/build.py): a+b, 2 to 4 digit operands.
+DEMO_TASK = re.compile(r"[1-9]\d{1,3}\+[1-9]\d{1,3}")
+
+
+def demo_note(args, prompt):
+    """A line for a prompt the demo pair cannot know, or None. Only for the shipped pair."""
+    if os.path.realpath(args.slm) != os.path.realpath(os.path.join(r2r.DEMO, "slm")):
+        return None
+    if DEMO_TASK.fullmatch(re.sub(r"\s", "", prompt)):
+        return None
+    return (f"note: the demo pair only knows a+b with 2 to 4 digit operands (like 4837+2956), so expect "
+            f"nonsense for {prompt!r}; pass --slm/--llm/--router for your own pair")
 
 
 def render(tok, trace, colour):
@@ -86,6 +101,9 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for prompt in prompts:
         ids = r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template)
+        note = demo_note(args, prompt)
+        if note:
+            print(note, file=sys.stderr)
         trace = r2r.decode(slm, llm, router, ids, vocab_size=len(tok), max_new_tokens=args.max_new_tokens,
                            mode=args.mode, threshold=args.threshold, temperature=args.temperature,
                            top_p=args.top_p, generator=generator)

@@ -4,14 +4,18 @@ Nothing here downloads anything or writes into the working tree (tmp_path only).
 import os
 import sys
 
-import pytest
-import torch
+# Offline before huggingface_hub is imported, which reads these once: the suite never needs
+# the network, and a plain `python -m pytest -q tests` must not try it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 from demo.build import build_tokenizer  # noqa: E402

@@ -172,3 +172,22 @@ def test_cli_bad_input(demo_pair, tmp_path, tok):
     LlamaForCausalLM(tiny_model("llama", other, 1, 32).config).save_pretrained(folder)
     other.save_pretrained(folder)
     assert "tokenizers" in run_cli(["--llm", folder, "--mode", "slm", "--prompt", PROMPT])
+
+
+@pytest.mark.parametrize("prompt, noted", [("4837+2956", False), ("4 8 + 2 9", False), ("hello there", True),
+                                           ("12345+67890", True), ("99+1", True)])
+def test_demo_pair_notes_prompts_outside_its_task(capsys, prompt, noted):
+    generate.main(["--mode", "slm", "--prompt", prompt, "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert ("note: the demo pair only knows" in err) == noted
+    assert out.splitlines()[-1].startswith("-- 3 new tokens")  # the output follows the note
+
+
+def test_no_demo_note_for_another_pair(tmp_path, tok, capsys):
+    for name, seed in (("slm", 1), ("llm", 2)):
+        tiny_model("llama", tok, 1, 32, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    generate.main(["--slm", str(tmp_path / "slm"), "--llm", str(tmp_path / "llm"), "--mode", "slm",
+                   "--prompt", "hello there", "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert "note:" not in err and out.splitlines()[-1].startswith("-- 3 new tokens")
