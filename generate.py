@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r2r.add_common_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
-    p.add_argument("--prompts-file", help="JSON/JSONL file with a 'prompt' field per row")
+    p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
+                   "or a hub dataset")
     # decoding
     p.add_argument("--mode", choices=["r2r", "slm", "llm"], default="r2r",
                    help="r2r routes with the router; slm / llm force every token to one model")

@@ -290,7 +290,7 @@ def add_common_args(p, router=True, prompts=None, split="train"):
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
     if prompts:
-        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help="JSON/JSONL file or hub dataset")
+        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help=".txt, .json, .jsonl file or hub dataset")
         p.add_argument("--split", default=split, help="split of a hub dataset")
         p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
         p.add_argument("--answer-field", default="answer", help="field holding the final answer")
