@@ -46,8 +46,9 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
     n, n_llm = sum(len(t.tokens) for t in traces), sum(sum(t.from_llm) for t in traces)
     params = sum(r2r.activated_params(t, p_slm, p_llm) * len(t.tokens) for t in traces) / max(n, 1)
     lo, hi = bootstrap_ci(correct)
+    identical = sum(t.tokens == r.tokens for t, r in zip(traces, reference))
     return dict(method=name, threshold=threshold, share=n_llm / max(n, 1), acc=sum(correct) / len(rows),
-                acc_lo=lo, acc_hi=hi, identical=sum(t.tokens == r.tokens for t, r in zip(traces, reference)) / len(rows),
+                acc_lo=lo, acc_hi=hi, identical=identical / len(rows),
                 flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
 
 

@@ -393,7 +393,7 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
         raise R2RError(f"{source} holds no prompts; {PROMPT_FORMATS}")
     bad = next((i for i, r in enumerate(rows) if not isinstance(r.get(prompt_field), str)), None)
     if bad is not None:
-        raise R2RError(f"row {bad + 1} of {source} has no text field '{prompt_field}' (fields: "
+        raise R2RError(f"{source} has no field '{prompt_field}' holding text on row {bad + 1} (fields: "
                        f"{', '.join(rows[bad])}): name the right one with --prompt-field")
     return [{"prompt": r[prompt_field], "answer": None if r.get(answer_field) is None else str(r[answer_field])}
             for r in rows]

@@ -43,7 +43,7 @@ def test_prompt_formats(tmp_path):
     assert r2r.read_prompts(str(tmp_path / "a.json"), prompt_field="q") == [
         {"prompt": "1+2", "answer": "3"}, {"prompt": "4+5", "answer": None}]
     assert r2r.read_prompts(str(tmp_path / "b.jsonl"), limit=1) == [{"prompt": "1+2", "answer": None}]
-    with pytest.raises(r2r.R2RError, match="row 1 .* no text field 'prompt' .*fields: q, answer"):
+    with pytest.raises(r2r.R2RError, match="no field 'prompt' holding text on row 1 .*fields: q, answer"):
         r2r.read_prompts(str(tmp_path / "a.json"))
 
 
