@@ -1,14 +1,21 @@
 """
 evaluate.py: R2R's trade-off, accuracy against LLM share, on prompts with checkable answers.
 
-    python evaluate.py                       # demo pair, demo/router, the 500 demo test problems
+    python evaluate.py                                        # demo pair, demo/router, 500 test problems
+    python evaluate.py --plot pareto.png --out results.json   # also the picture and every row as JSON
 
 Rows: SLM only, LLM only, R2R at the router's saved threshold and at a sweep of thresholds,
 and, at the LLM share each R2R row reached, routing by SLM entropy and at random (the
 authors' baselines, README). Each baseline's threshold is set so that it would route
-that share of the SLM's own steps. Prints a Markdown table. Greedy decoding throughout.
+that share of the SLM's own steps. Every accuracy carries a 95% bootstrap interval over
+problems; every row says how faithful it is to the LLM: the share of responses identical
+to LLM-only decoding, and the share of final answers that differ from LLM-only's.
+Prints a Markdown table; --out writes the rows (JSON or CSV), --plot draws them
+(matplotlib, optional). Greedy decoding throughout.
 """
 import argparse
+import csv
+import json
 import os
 
 import torch
@@ -16,13 +23,33 @@ from tqdm import tqdm
 
 import r2r
 
+FIELDS = ["method", "threshold", "share", "acc", "acc_lo", "acc_hi", "identical", "flipped", "params", "n"]
 
-def accuracy_row(name, threshold, traces, rows, tok, p_slm, p_llm):
-    correct = sum(r2r.extract_answer(tok.decode(t.tokens, skip_special_tokens=True)) == r["answer"]
-                  for t, r in zip(traces, rows))
+
+def bootstrap_ci(correct, n_boot=1000, seed=0):
+    """95% percentile bootstrap interval of the accuracy: resample the problems with
+    replacement n_boot times (seeded, so a rerun gives the same interval)."""
+    c = torch.tensor(correct, dtype=torch.float64)
+    draws = torch.randint(len(c), (n_boot, len(c)), generator=torch.Generator().manual_seed(seed))  # (n_boot, n)
+    lo, hi = c[draws].mean(1).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
+    """One row of the table, as a dict with FIELDS. `reference` holds the LLM-only traces:
+    `identical` is the share of responses equal to them token for token, `flipped` the share
+    of problems whose final answer differs from theirs."""
+    def answers(ts):
+        return [r2r.extract_answer(tok.decode(t.tokens, skip_special_tokens=True)) for t in ts]
+    mine, llm = answers(traces), answers(reference)
+    correct = [a == r["answer"] for a, r in zip(mine, rows)]
     n, n_llm = sum(len(t.tokens) for t in traces), sum(sum(t.from_llm) for t in traces)
     params = sum(r2r.activated_params(t, p_slm, p_llm) * len(t.tokens) for t in traces) / max(n, 1)
-    return dict(method=name, threshold=threshold, share=n_llm / max(n, 1), acc=correct / len(rows), params=params)
+    lo, hi = bootstrap_ci(correct)
+    identical = sum(t.tokens == r.tokens for t, r in zip(traces, reference))
+    return dict(method=name, threshold=threshold, share=n_llm / max(n, 1), acc=sum(correct) / len(rows),
+                acc_lo=lo, acc_hi=hi, identical=identical / len(rows),
+                flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
 
 
 def greedy_all(model, is_llm, tok, rows, args, batch_size=100):
@@ -36,9 +63,13 @@ def greedy_all(model, is_llm, tok, rows, args, batch_size=100):
     return traces
 
 
-def decode_all(slm, llm, router, tok, prompts, args, desc, **kw):
-    return [r2r.decode(slm, llm, router, p, vocab_size=len(tok), max_new_tokens=args.max_new_tokens, **kw)
-            for p in tqdm(prompts, desc=desc, leave=False)]
+def decode_all(slm, llm, router, tok, prompts, args, bar, **kw):
+    """r2r.decode on every prompt, one at a time; `bar` counts the prompts."""
+    traces = []
+    for p in prompts:
+        traces.append(r2r.decode(slm, llm, router, p, vocab_size=len(tok), max_new_tokens=args.max_new_tokens, **kw))
+        bar.update()
+    return traces
 
 
 @torch.no_grad()
@@ -55,16 +86,27 @@ def slm_step_scores(slm, tok, prompts, traces, k):
     return {name: torch.cat(s) for name, s in scores.items()}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r2r.add_common_args(p, prompts="test.jsonl", split="test")
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
+    p.add_argument("--out", default=None, help="write every row to this .json or .csv file")
+    p.add_argument("--plot", default=None, help="draw accuracy against LLM share into this image (.png, .pdf, "
+                   ".svg); needs matplotlib")
     args = p.parse_args(argv)
     if any(not 0 <= t <= 1 for t in args.thresholds) or args.max_new_tokens < 1:
         raise r2r.R2RError("--thresholds must lie in [0, 1] and --max-new-tokens be at least 1")
+    if args.out and not args.out.endswith((".json", ".csv")):
+        raise r2r.R2RError(f"--out {args.out}: name a .json or a .csv file")
+    if args.plot:
+        pyplot()  # fail now, not after the evaluation
+    return args
 
+
+def evaluate(args):
+    """Decode every prompt for every row; returns the rows (dicts with FIELDS)."""
     rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, args.answer_field, args.limit)
     if any(r["answer"] is None for r in rows):
         raise r2r.R2RError(f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers")
@@ -73,32 +115,111 @@ def main(argv=None):
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
+    thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
+    bar = tqdm(total=len(rows) * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt")
 
     def row(name, threshold, traces):
-        result = accuracy_row(name, threshold, traces, rows, tok, p_slm, p_llm)
-        tqdm.write(f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  "
-                   f"LLM share {result['share']:6.1%}  accuracy {result['acc']:6.1%}")
+        result = score_row(name, threshold, traces, llm_traces, rows, tok, p_slm, p_llm)
+        bar.write(f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  "
+                  f"LLM share {result['share']:6.1%}  accuracy {result['acc']:6.1%}  "
+                  f"identical to LLM {result['identical']:6.1%}")
         return result
 
-    slm_traces = greedy_all(slm, False, tok, rows, args)
-    results = [row("SLM only", None, slm_traces), row("LLM only", None, greedy_all(llm, True, tok, rows, args))]
+    slm_traces, llm_traces = greedy_all(slm, False, tok, rows, args), greedy_all(llm, True, tok, rows, args)
+    bar.update(2 * len(rows))
+    results = [row("SLM only", None, slm_traces), row("LLM only", None, llm_traces)]
     scores = slm_step_scores(slm, tok, prompts, slm_traces, router.config["top_k"])
-    for t in dict.fromkeys([router.threshold] + sorted(args.thresholds)):  # saved one first, no repeats
+    for t in thresholds:
         name = "R2R (saved)" if t == router.threshold else "R2R"
-        r = row(name, t, decode_all(slm, llm, router, tok, prompts, args, name, threshold=t))
+        bar.set_description(f"R2R {t:.3f}")
+        r = row(name, t, decode_all(slm, llm, router, tok, prompts, args, bar, threshold=t))
         results.append(r)
         # Baselines at the share R2R reached: route the same share of the SLM's own steps.
         for kind, s in scores.items():
             bt = s.quantile(1 - r["share"]).item() if r["share"] > 0 else 1.0
             base = r2r.ConfidenceRouter(kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0))
-            results.append(row(f"{kind}", bt, decode_all(slm, llm, base, tok, prompts, args, kind)))
+            bar.set_description(kind)
+            results.append(row(f"{kind}", bt, decode_all(slm, llm, base, tok, prompts, args, bar)))
+    bar.close()
+    return results
 
-    print(f"\n{len(rows)} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n")
-    print("| method | threshold | LLM share | accuracy | avg activated params |")
-    print("|---|---|---|---|---|")
+
+def write_rows(results, path):
+    """Every row to a .json (a list of objects) or .csv file, written atomically."""
+    with open(path + ".tmp", "w", newline="") as f:
+        if path.endswith(".json"):
+            json.dump(results, f, indent=1)
+        else:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(results)
+    os.replace(path + ".tmp", path)
+
+
+def pyplot():
+    """matplotlib.pyplot, imported only for --plot: matplotlib is an optional dependency."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise r2r.R2RError("--plot needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(results, path):
+    """The paper's picture: accuracy against the share of tokens the LLM wrote, with 95%
+    intervals. R2R's threshold sweep is a curve, entropy and random routing at the same
+    shares beside it, SLM only and LLM only as points, the saved threshold starred.
+    Returns the legend's labels."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [("R2R (router threshold sweep)", lambda m: m.startswith("R2R"), dict(marker="o", color="C3")),
+              ("SLM entropy, same LLM shares", lambda m: m == "entropy", dict(marker="s", ls="--", color="C0")),
+              ("random, same LLM shares", lambda m: m == "random", dict(marker="x", ls=":", color="C7")),
+              ("SLM only", lambda m: m == "SLM only", dict(marker="v", ls="none", color="C2", ms=9)),
+              ("LLM only", lambda m: m == "LLM only", dict(marker="^", ls="none", color="C1", ms=9)),
+              ("R2R, saved threshold", lambda m: m == "R2R (saved)", dict(marker="*", ls="none", color="k", ms=15))]
+    for label, chosen, style in series:
+        rs = sorted((r for r in results if chosen(r["method"])), key=lambda r: r["share"])
+        err = [[100 * (r["acc"] - r["acc_lo"]) for r in rs], [100 * (r["acc_hi"] - r["acc"]) for r in rs]]
+        ax.errorbar([100 * r["share"] for r in rs], [100 * r["acc"] for r in rs], yerr=err, capsize=3, label=label,
+                    **style)
+    for r in results:
+        if r["method"].startswith("R2R"):
+            ax.annotate(f"{r['threshold']:.2f}", (100 * r["share"], 100 * r["acc"]), textcoords="offset points",
+                        xytext=(6, -12), fontsize=8)
+    ax.set_xscale("symlog", linthresh=1)  # 0% (SLM only) to 100% (LLM only), R2R's few percent readable
+    ax.set_xticks([0, 1, 2, 5, 10, 20, 50, 100], labels=["0", "1", "2", "5", "10", "20", "50", "100"])
+    ax.set_xlabel("tokens written by the LLM (%)")
+    ax.set_ylabel("accuracy (%), 95% bootstrap interval")
+    ax.set_title(f"accuracy against LLM share, {results[0]['n']} problems")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    labels = ax.get_legend_handles_labels()[1]
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return labels
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = evaluate(args)
+    print(f"\n{results[0]['n']} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n")
+    print("| method | threshold | LLM share | accuracy | 95% interval | identical to LLM | answer differs "
+          "from LLM | avg activated params |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         th = "" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        print(f"| {r['method']} | {th} | {r['share']:.1%} | {r['acc']:.1%} | {r['params'] / 1e6:.3f}M |")
+        print(f"| {r['method']} | {th} | {r['share']:.1%} | {r['acc']:.1%} | {r['acc_lo']:.1%} - {r['acc_hi']:.1%} | "
+              f"{r['identical']:.1%} | {r['flipped']:.1%} | {r['params'] / 1e6:.3f}M |")
+    if args.out:
+        write_rows(results, args.out)
+        print(f"wrote {len(results)} rows to {args.out}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"drew {args.plot}")
+    return results
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ in one batched forward pass. Both KV caches only ever hold committed tokens: no 
     python generate.py --slm Qwen/Qwen2.5-0.5B-Instruct --llm Qwen/Qwen2.5-7B-Instruct \\
         --router router/ --prompts-file prompts.jsonl --json
 
-Prints each response with the LLM's tokens highlighted (colour on a terminal, [[...]]
-otherwise) and one summary line; with --json, one JSON object per prompt per line.
+On a terminal each response appears as it is decoded, the LLM's tokens in colour; written
+to a file or a pipe, each response is one line with the LLM's tokens marked [[...]]. Then one
+summary line per prompt; with --json, one JSON object per prompt per line instead.
 The decoding loop itself lives in r2r.decode, where bench.py and evaluate.py use it too.
 """
 import argparse
@@ -22,12 +23,15 @@ import torch
 
 import r2r
 
+COLOUR = ("\033[1;31m", "\033[0m")  # the LLM's tokens on a terminal: bold red
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r2r.add_common_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
-    p.add_argument("--prompts-file", help="JSON/JSONL file with a 'prompt' field per row")
+    p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
+                   "or a hub dataset")
     # decoding
     p.add_argument("--mode", choices=["r2r", "slm", "llm"], default="r2r",
                    help="r2r routes with the router; slm / llm force every token to one model")
@@ -66,7 +70,7 @@ def demo_note(args, prompt):
 def render(tok, trace, colour):
     """The new text with the LLM's tokens marked. Decodes whole prefixes at each change of
     writer and slices, so multi-token characters and spaces come out as in one decode."""
-    marks = ("\033[1;31m", "\033[0m") if colour else ("[[", "]]")
+    marks = COLOUR if colour else ("[[", "]]")
     text, prev, start = [], "", 0
     for i in range(1, len(trace.tokens) + 1):
         if i == len(trace.tokens) or trace.from_llm[i] != trace.from_llm[start]:
@@ -78,6 +82,49 @@ def render(tok, trace, colour):
             text.append(piece)
             prev, start = full, i
     return "".join(text)
+
+
+class Stream:
+    """Writes a response to `out` as r2r.decode commits it (its on_step hook), with the LLM's
+    tokens in colour, byte for byte what render(..., colour=True) gives for the whole trace:
+    a run of LLM tokens opens its colour at its first non-space character and closes at the
+    run's end. Text is written once it decodes to whole characters (no trailing U+FFFD)."""
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out = tok, out or sys.stdout
+        self.printed = ""  # the plain text written so far
+        self.start = 0  # first token of the current run of one writer
+        self.held = ""  # leading spaces of an LLM run, written when its first character arrives
+        self.opened = False  # the current LLM run's colour is on
+
+    def __call__(self, slm_cache, llm_cache, pending, trace):
+        n = len(trace.tokens)
+        if trace.from_llm[n - 1] != trace.from_llm[self.start]:  # a new run begins at the newest token
+            self.flush(trace, n - 1)
+            self.start = n - 1
+        text = self.tok.decode(trace.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(self.printed):
+            self.write(text[len(self.printed):], trace.from_llm[self.start])
+
+    def flush(self, trace, end):
+        """Write the current run up to token `end` and close it."""
+        text = self.tok.decode(trace.tokens[:end], skip_special_tokens=True)
+        self.write(text[len(self.printed):], trace.from_llm[self.start])
+        self.out.write(COLOUR[1] if self.opened else self.held)
+        self.held, self.opened = "", False
+        self.out.flush()
+
+    def write(self, piece, from_llm):
+        self.printed += piece
+        if from_llm and not self.opened:
+            self.held += piece
+            if not self.held.strip():
+                return
+            body = self.held.lstrip()
+            piece = f"{self.held[:len(self.held) - len(body)]}{COLOUR[0]}{body}"
+            self.held, self.opened = "", True
+        self.out.write(piece)
+        self.out.flush()
 
 
 def summarize(trace, p_slm, p_llm):
@@ -99,20 +146,26 @@ def main(argv=None):
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    live = sys.stdout.isatty() and not args.json  # stream to a terminal; files and pipes get whole lines
     for prompt in prompts:
         ids = r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template)
         note = demo_note(args, prompt)
         if note:
             print(note, file=sys.stderr)
+        stream = Stream(tok) if live else None
         trace = r2r.decode(slm, llm, router, ids, vocab_size=len(tok), max_new_tokens=args.max_new_tokens,
                            mode=args.mode, threshold=args.threshold, temperature=args.temperature,
-                           top_p=args.top_p, generator=generator)
+                           top_p=args.top_p, generator=generator, on_step=stream)
         s = summarize(trace, p_slm, p_llm)
         if args.json:
             text = tok.decode(trace.tokens, skip_special_tokens=True)
             print(json.dumps(dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)))
             continue
-        print(render(tok, trace, colour=sys.stdout.isatty()))
+        if live:
+            stream.flush(trace, len(trace.tokens))
+            print()
+        else:
+            print(render(tok, trace, colour=False))
         print(f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
               f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
               f"avg activated params {s['activated_params'] / 1e6:.3g}M")

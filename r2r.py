@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from huggingface_hub import PyTorchModelHubMixin
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "owner/name" or "name" on the HuggingFace Hub
 
 class R2RError(Exception):
     """Bad input: the scripts print its message as one line and exit with status 1."""
@@ -72,15 +73,18 @@ class Block(nn.Module):
         return x + self.drop(self.down(F.gelu(self.up(self.norm(x)))))
 
 
-class Router(nn.Module):
+class Router(nn.Module, PyTorchModelHubMixin, library_name="r2r", paper_url="https://arxiv.org/abs/2505.21600"):
     """Scores one SLM step; a high score means "the LLM should write this token"
     (R2R Stage 2). The authors use 6 blocks of width 1024 (about 56M parameters);
-    our defaults are far smaller and suit the demo pair."""
+    our defaults are far smaller and suit the demo pair. huggingface_hub's mixin gives
+    save_pretrained / push_to_hub / from_pretrained (a folder or a hub name):
+    model.safetensors plus config.json holding the arguments below."""
 
     def __init__(self, hidden_size, top_k=100, width=128, n_blocks=2, dropout=0.1, threshold=0.5, slm=None):
         super().__init__()
         self.config = dict(hidden_size=hidden_size, top_k=top_k, width=width, n_blocks=n_blocks,
                            dropout=dropout, threshold=threshold, slm=slm)
+        self._hub_mixin_config = self.config  # one dict, so a threshold set after training is saved too
         self.logit_proj = nn.Linear(top_k, hidden_size)
         self.norm = nn.LayerNorm(3 * hidden_size)  # hidden states and logits live on very different scales
         self.inp = nn.Linear(3 * hidden_size, width)
@@ -95,6 +99,10 @@ class Router(nn.Module):
         """(N, H), (N, k), (N, H) -> (N,) logits; sigmoid gives the routing score."""
         x = torch.cat([hidden, self.logit_proj(topk), emb], dim=-1)  # (N, 3H)
         return self.out(self.blocks(self.inp(self.norm(x)))).squeeze(-1)
+
+    @classmethod
+    def _load_as_pickle(cls, model, model_file, map_location, strict):
+        raise R2RError(f"{model_file}: r2r loads routers only from model.safetensors, never pickled weights")
 
 
 class ConfidenceRouter(nn.Module):
@@ -131,33 +139,34 @@ def fingerprint(slm, tok):
 
 
 def save_router(router, folder):
-    """A folder with model.safetensors and config.json, written atomically."""
+    """router.save_pretrained(folder), atomically: a killed run never leaves half a router."""
+    tmp = folder.rstrip("/") + ".tmp"
+    router.save_pretrained(tmp)
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, os.path.join(folder, "model.tmp"))
-    with open(os.path.join(folder, "config.tmp"), "w") as f:
-        json.dump(router.config, f, indent=2)
-    os.replace(os.path.join(folder, "model.tmp"), os.path.join(folder, "model.safetensors"))
-    os.replace(os.path.join(folder, "config.tmp"), os.path.join(folder, "config.json"))
+    for name in ("model.safetensors", "README.md", "config.json"):  # config last: it marks a whole router
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
 
 
-def load_router(folder, slm, tok, device="cpu"):
-    """Load a router and check that it was trained for this SLM."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise R2RError(f"no router at {folder}: train one with train_router.py or pass --router")
-    with open(path) as f:
-        config = json.load(f)
+def load_router(path, slm, tok, device="cpu"):
+    """Router.from_pretrained (a folder or a hub name), checked against this SLM."""
+    is_folder = os.path.isfile(os.path.join(path, "config.json"))
+    if not is_folder and (os.path.exists(path) or not HUB_NAME.fullmatch(path)):
+        raise R2RError(f"no router at {path}: train one with train_router.py or pass --router")
+    try:
+        router = Router.from_pretrained(path, map_location=str(device), strict=True)
+    except (OSError, TypeError, ValueError, RuntimeError) as e:  # hub errors are OSErrors
+        raise R2RError(f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
+                       "train_router.py or a hub name")
     want = fingerprint(slm, tok)
-    have = dict(config.get("slm") or {}, hidden_size=config.get("hidden_size"))  # the router's own input size
+    have = dict(router.config.get("slm") or {}, hidden_size=router.config["hidden_size"])  # its own input size
     for key in ("hidden_size", "vocab"):
         if have.get(key) != want[key]:
-            raise R2RError(f"the router in {folder} was trained for an SLM with {key} {have.get(key)}, "
+            raise R2RError(f"the router in {path} was trained for an SLM with {key} {have.get(key)}, "
                            f"but {want['name']} has {want[key]}: train a router for this SLM")
     if have.get("embedding_sha") != want["embedding_sha"]:
-        print(f"warning: the router in {folder} was trained for {have.get('name')}, not {want['name']}")
-    router = Router(**config)
-    router.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    return router.to(device).eval()
+        print(f"warning: the router in {path} was trained for {have.get('name')}, not {want['name']}")
+    return router.eval()
 
 # ----------------------------------------------------------------------------- mixed decoding
 
@@ -194,7 +203,7 @@ def catch_up(llm, pending, cache):
 
 @torch.no_grad()
 def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2r", threshold=None,
-           temperature=0.0, top_p=1.0, generator=None, eos=None, check=None):
+           temperature=0.0, top_p=1.0, generator=None, eos=None, on_step=None):
     """Mixed decoding at batch size 1 with two DynamicCaches and no rollback.
 
     Each step: 1. the SLM has read every committed token and proposes a candidate;
@@ -203,7 +212,8 @@ def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2
     model through the same loop. Cache invariant after each step, with n committed:
     the SLM cache holds prompt + the first n-1 new tokens (the last one is read at the next
     step), the LLM cache holds prompt + new tokens up to its last call, and `pending` is the
-    rest. `check(slm_cache, llm_cache, pending, trace)` is called after each step (tests).
+    rest. `on_step(slm_cache, llm_cache, pending, trace)` is called after each step (tests check
+    the caches with it; generate.py streams the text).
     """
     V = vocab_size  # the shared tokenizer's length: only its ids are ever compared or emitted
     threshold = router.threshold if threshold is None and router is not None else threshold
@@ -226,8 +236,8 @@ def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2
         trace.tokens.append(token)
         trace.from_llm.append(int(routed))
         pending.append(token)
-        if check is not None:
-            check(slm_cache, llm_cache, pending, trace)
+        if on_step is not None:
+            on_step(slm_cache, llm_cache, pending, trace)
         if token in eos:
             break
     if slm.device.type == "cuda":  # read the clock only after the GPU has finished
@@ -280,7 +290,7 @@ def add_common_args(p, router=True, prompts=None, split="train"):
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
     if prompts:
-        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help="JSON/JSONL file or hub dataset")
+        p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help=".txt, .json, .jsonl file or hub dataset")
         p.add_argument("--split", default=split, help="split of a hub dataset")
         p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
         p.add_argument("--answer-field", default="answer", help="field holding the final answer")
@@ -306,7 +316,7 @@ def pick_device(device=None, dtype=None):
 
 def _from_pretrained(loader, path, **kw):
     path = os.path.expanduser(path)
-    if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+    if not os.path.isdir(path) and not HUB_NAME.fullmatch(path):
         raise R2RError(f"no model folder at {path}: give a local folder or a hub name")
     try:
         return loader.from_pretrained(path, **kw)
@@ -358,32 +368,55 @@ def n_params(model):
 
 # ----------------------------------------------------------------------------- prompts, answers, labels
 
+PROMPT_FORMATS = ("prompts files are .txt (one prompt per line), .json (a list of objects) or .jsonl (one "
+                  "object per line) with a prompt field, or a HuggingFace dataset name")
+
+
 def read_prompts(source, split="train", prompt_field="prompt", answer_field="answer", limit=None):
-    """Rows {"prompt", "answer"} from a local JSON/JSONL file or a HuggingFace dataset;
-    "answer" is None when the data has none."""
-    import datasets
-    datasets.disable_progress_bars()
+    """Rows {"prompt", "answer"} from a .txt file (one prompt per line, blank lines skipped),
+    a .json/.jsonl file, or a HuggingFace dataset; "answer" is None when the data has none.
+    Anything unreadable is one R2RError saying what is wrong and which formats work."""
     try:
         if os.path.isfile(source):
-            with open(source) as f:
-                if not f.read(4096).strip():
-                    raise R2RError(f"{source} holds no prompts")
-            ds = datasets.load_dataset("json", data_files=source, split="train")
-        elif source.endswith((".json", ".jsonl")):
-            raise R2RError(f"no prompts file at {source}")
+            rows = read_prompts_file(source, prompt_field)
+        elif os.path.exists(source) or source.endswith((".txt", ".json", ".jsonl")):
+            raise FileNotFoundError("not a file")
         else:
+            import datasets
+            datasets.disable_progress_bars()
             ds = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError, StopIteration) as e:
-        raise R2RError(f"cannot read prompts from {source} ({str(e).splitlines()[0]})")
-    if prompt_field not in ds.column_names:
-        raise R2RError(f"{source} has no field '{prompt_field}' (fields: {', '.join(ds.column_names)}); "
-                       "name the right one with --prompt-field")
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    if len(ds) == 0:
-        raise R2RError(f"{source} holds no prompts")
-    answers = ds[answer_field] if answer_field in ds.column_names else [None] * len(ds)
-    return [{"prompt": p, "answer": None if a is None else str(a)} for p, a in zip(ds[prompt_field], answers)]
+            rows = ds.select(range(min(limit or len(ds), len(ds)))).to_list()
+    except (OSError, ValueError, ConnectionError, StopIteration) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise R2RError(f"cannot read prompts from {source} ({str(e).splitlines()[0]}); {PROMPT_FORMATS}")
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise R2RError(f"{source} holds no prompts; {PROMPT_FORMATS}")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r.get(prompt_field), str)), None)
+    if bad is not None:
+        raise R2RError(f"{source} has no field '{prompt_field}' holding text on row {bad + 1} (fields: "
+                       f"{', '.join(rows[bad])}): name the right one with --prompt-field")
+    return [{"prompt": r[prompt_field], "answer": None if r.get(answer_field) is None else str(r[answer_field])}
+            for r in rows]
+
+
+def read_prompts_file(path, prompt_field):
+    """A local prompts file as a list of dicts; raises ValueError saying what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError("not a UTF-8 text file")
+    if path.endswith(".txt"):
+        return [{prompt_field: line} for line in text.splitlines() if line.strip()]
+    rows = json.loads(text) if text.lstrip().startswith("[") else []
+    for n, line in enumerate([] if rows else text.splitlines(), 1):  # JSON lines, also accepted under .json
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise ValueError(f"line {n} is not JSON: {e}")
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError("expected JSON objects, one per prompt")
+    return rows
 
 
 def encode_prompt(tok, text, chat=True):

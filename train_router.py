@@ -7,11 +7,14 @@ threshold, and compare it with routing by SLM confidence at the same LLM share.
 
 The router sees the SLM's last hidden state, its top-k logits and the embedding of the
 token it is about to emit (taken from the SLM's own embedding table, which is loaded,
-never stored). Training and validation are split by prompt, never by token. It does not
-label (label.py) or decode (generate.py).
+never stored). Three splits by prompt, never by token: train; validation for early
+stopping and the threshold; held-out prompts for the report, so its recall and LLM share
+were measured on prompts that chose nothing. It does not label (label.py) or decode
+(generate.py).
 """
 import argparse
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,15 +69,24 @@ def load_features(folder, device):
     return data, slm, tok, meta
 
 
-def split_by_prompt(prompt_ids, val_fraction, seed):
-    """Boolean validation mask: a prompt's positions all go to one side (neighbouring tokens
+class Split(NamedTuple):
+    """Position indices (N_split,) of the three prompt-level splits."""
+    train: torch.Tensor  # fits the weights
+    val: torch.Tensor  # early stopping and the threshold
+    test: torch.Tensor  # held out: chose nothing, so its recall and LLM share are honest
+
+
+def split_by_prompt(prompt_ids, val_fraction, test_fraction, seed):
+    """Three splits by prompt: a prompt's positions all go to one side (neighbouring tokens
     would leak across a token-level split)."""
     ids = prompt_ids.unique()
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
-    n_val = max(1, round(val_fraction * len(ids)))
-    if n_val >= len(ids):
-        raise r2r.R2RError(f"{len(ids)} prompts cannot be split with --val-fraction {val_fraction}")
-    return torch.isin(prompt_ids, ids[:n_val])
+    n_val, n_test = max(1, round(val_fraction * len(ids))), max(1, round(test_fraction * len(ids)))
+    if n_val + n_test >= len(ids):
+        raise r2r.R2RError(f"{len(ids)} prompts cannot be split with --val-fraction {val_fraction} and "
+                           f"--test-fraction {test_fraction}: label more prompts")
+    val, test = torch.isin(prompt_ids, ids[:n_val]), torch.isin(prompt_ids, ids[n_val:n_val + n_test])
+    return Split((~val & ~test).nonzero()[:, 0], val.nonzero()[:, 0], test.nonzero()[:, 0])
 
 
 @torch.no_grad()
@@ -116,11 +128,26 @@ def fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
     router.load_state_dict(best_state)
 
 
+def measure(router, emb_table, data, y, idx, threshold, seed):
+    """The router at `threshold` on positions `idx`, beside the confidence baselines
+    routing the same share of them there: a dict (tests read it, main prints it)."""
+    s, yv = scores_of(router, emb_table, data, idx), y[idx]
+    rec, share = recall_share(s, yv, threshold)
+    base = r2r.confidence_scores(data["topk"][idx], torch.Generator().manual_seed(seed))
+    baselines = {name: dict(auc=auc(b, yv), recall=recall_share(b, yv, threshold_for_share(b, share))[0])
+                 for name, b in base.items()}
+    return dict(positions=len(idx), divergent=int(yv.sum()), share=share, recall=rec, auc=auc(s, yv),
+                baselines=baselines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--labels", default="labels", help="folder written by label.py")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts for early stopping and the "
+                   "threshold")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="share of prompts held out for the report: "
+                   "they choose nothing")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and the initialisation")
     # router size: the paper's 6 blocks x 1024 (56M parameters) is far more than the demo needs
     p.add_argument("--width", type=int, default=128, help="MLP width (paper: 1024)")
@@ -143,39 +170,42 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.recall <= 1 or (args.llm_share is not None and not 0 < args.llm_share <= 1):
         raise r2r.R2RError("--recall and --llm-share must lie in (0, 1]")
-    if not 0 < args.val_fraction < 1 or min(args.epochs, args.batch_size, args.width, args.blocks) < 1:
-        raise r2r.R2RError("--val-fraction must lie in (0, 1); --epochs, --batch-size, --width, --blocks >= 1")
+    if min(args.val_fraction, args.test_fraction) <= 0 or args.val_fraction + args.test_fraction >= 1:
+        raise r2r.R2RError("--val-fraction and --test-fraction must be above 0 and sum to less than 1")
+    if min(args.epochs, args.batch_size, args.width, args.blocks) < 1:
+        raise r2r.R2RError("--epochs, --batch-size, --width and --blocks must be at least 1")
 
     torch.manual_seed(args.seed)
     data, slm, tok, meta = load_features(args.labels, args.device)
     emb_table = slm.get_input_embeddings().float().requires_grad_(False)  # the SLM's own, frozen
-    val = split_by_prompt(data["prompt_id"], args.val_fraction, args.seed)
-    tr_idx, va_idx = (~val).nonzero()[:, 0], val.nonzero()[:, 0]
+    split = split_by_prompt(data["prompt_id"], args.val_fraction, args.test_fraction, args.seed)
     y = data["label"].float()
-    n_pos = y[tr_idx].sum().item()
-    if n_pos == 0 or y[va_idx].sum() == 0:
-        raise r2r.R2RError("the training or validation prompts hold no divergent label: label more prompts")
+    n_pos = y[split.train].sum().item()
+    if min(n_pos, y[split.val].sum(), y[split.test].sum()) == 0:
+        raise r2r.R2RError("the training, validation or held-out prompts hold no divergent label: label more prompts")
     # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
-    pos_weight = torch.tensor((len(tr_idx) - n_pos) / n_pos)
+    pos_weight = torch.tensor((len(split.train) - n_pos) / n_pos)
     router = r2r.Router(data["hidden"].shape[1], data["topk"].shape[1], args.width, args.blocks, args.dropout,
                         slm=meta["fingerprint"])
-    print(f"{len(tr_idx)} train / {len(va_idx)} validation positions, {y.mean():.2%} divergent, "
-          f"pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters")
-    fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args)
+    print(f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} held-out positions, "
+          f"{y.mean():.2%} divergent, pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters")
+    fit(router, emb_table, data, y, split.train, split.val, pos_weight, args)
 
-    # Threshold and report on validation prompts, beside the confidence baselines.
-    s, yv = scores_of(router, emb_table, data, va_idx), y[va_idx]
+    # Threshold on validation prompts (R2R Stage 2); the report on held-out prompts that chose nothing.
+    s, yv = scores_of(router, emb_table, data, split.val), y[split.val]
     t = threshold_for_share(s, args.llm_share) if args.llm_share else threshold_for_recall(s, yv, args.recall)
-    rec, share = recall_share(s, yv, t)
     router.config["threshold"] = t
     r2r.save_router(router, args.out)
-    print(f"saved {args.out}: threshold {t:.4f}")
-    print(f"validation ({len(va_idx)} positions, {int(yv.sum())} divergent), at LLM share {share:.1%}:")
-    print(f"  {'router':8s} AUC {auc(s, yv):.3f}  recall {rec:.3f}")
-    base = r2r.confidence_scores(data["topk"][va_idx], torch.Generator().manual_seed(args.seed))
-    for name, b in base.items():
-        r, _ = recall_share(b, yv, threshold_for_share(b, share))
-        print(f"  {name:8s} AUC {auc(b, yv):.3f}  recall {r:.3f}")
+    metrics = dict(threshold=t, validation=measure(router, emb_table, data, y, split.val, t, args.seed),
+                   test=measure(router, emb_table, data, y, split.test, t, args.seed))
+    v, h = metrics["validation"], metrics["test"]
+    print(f"saved {args.out}: threshold {t:.4f}, chosen on validation: recall {v['recall']:.3f} at LLM share "
+          f"{v['share']:.1%}")
+    print(f"held out ({h['positions']} positions, {h['divergent']} divergent), at LLM share {h['share']:.1%}:")
+    print(f"  {'router':8s} AUC {h['auc']:.3f}  recall {h['recall']:.3f}")
+    for name, b in h["baselines"].items():
+        print(f"  {name:8s} AUC {b['auc']:.3f}  recall {b['recall']:.3f}")
+    return metrics
 
 
 if __name__ == "__main__":

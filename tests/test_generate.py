@@ -81,7 +81,7 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
             assert pending == trace.tokens[-1:]
         steps.append(n)
 
-    r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=16, mode=mode, eos=set(), check=check)
+    r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=16, mode=mode, eos=set(), on_step=check)
     assert steps == list(range(1, 17))
 
 

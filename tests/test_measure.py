@@ -9,11 +9,10 @@ import evaluate
 import r2r
 
 
-def test_evaluate_table_agrees_with_batched_generate(demo_pair, capsys):
+def test_evaluate_rows_agree_with_batched_generate(demo_pair):
     slm, llm, tok = demo_pair
-    evaluate.main(["--limit", "6", "--thresholds", "0.5", "--max-new-tokens", "80"])
-    out = capsys.readouterr().out
-    table = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    results = evaluate.main(["--limit", "6", "--thresholds", "0.5", "--max-new-tokens", "80"])
+    table = {r["method"]: r for r in results}
     assert {"SLM only", "LLM only", "R2R (saved)", "R2R", "entropy", "random"} <= set(table)
     rows = r2r.read_prompts(os.path.join(r2r.DEMO, "test.jsonl"), limit=6)
     for name, model in (("SLM only", slm), ("LLM only", llm)):  # oracle: unbatched model.generate
@@ -22,9 +21,9 @@ def test_evaluate_table_agrees_with_batched_generate(demo_pair, capsys):
             ids = r2r.encode_prompt(tok, r["prompt"])
             out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[0, len(ids):]
             correct += r2r.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
-        acc = correct / 6
-        assert table[name][2].strip() == f"{acc:.1%}"
-    assert table["LLM only"][1].strip() == "100.0%" and table["SLM only"][1].strip() == "0.0%"
+        assert table[name]["acc"] == correct / 6
+        assert table[name]["acc_lo"] <= correct / 6 <= table[name]["acc_hi"]
+    assert table["LLM only"]["share"] == 1.0 and table["SLM only"]["share"] == 0.0
 
 
 def test_bench_demo_prints_its_numbers(capsys):

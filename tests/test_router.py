@@ -37,18 +37,19 @@ def write_labels(folder, tok, n_prompts=200, positions=20, separable=True, seed=
     return slm
 
 
-def test_separable_positives_reach_recall_at_small_share(tmp_path, tok, capsys):
+def test_separable_positives_reach_recall_at_small_share(tmp_path, tok):
     slm = write_labels(str(tmp_path / "labels"), tok)
     out = str(tmp_path / "router")
-    train_router.main(["--labels", str(tmp_path / "labels"), "--out", out, "--epochs", "15", "--width", "32",
-                       "--blocks", "1", "--batch-size", "256", "--lr", "3e-3"])
-    report = capsys.readouterr().out
-    share = float(report.split("at LLM share ")[-1].split("%")[0]) / 100
-    recall = float(report.split("router   AUC")[1].split("recall ")[1].split()[0])
-    assert recall >= 0.95 and share <= 0.15, report
+    metrics = train_router.main(["--labels", str(tmp_path / "labels"), "--out", out, "--epochs", "15", "--width",
+                                 "32", "--blocks", "1", "--batch-size", "256", "--lr", "3e-3"])
+    # Measured on held-out prompts that chose neither the weights nor the threshold; planted
+    # positives are 5% of positions, so a share near 5% means few false alarms.
+    held_out = metrics["test"]
+    assert held_out["recall"] >= 0.85 and held_out["share"] <= 0.15, metrics
+    assert held_out["baselines"]["random"]["recall"] < 0.5  # the same share at random finds few
     # Saved and loaded, it gives the same scores, and keeps its threshold.
     router = r2r.load_router(out, slm, tok)
-    assert 0 < router.threshold < 1
+    assert router.threshold == metrics["threshold"] and 0 < router.threshold < 1
     x = (torch.randn(16, H), torch.randn(16, 8), torch.randn(16, H))
     again = r2r.load_router(out, slm, tok)
     assert torch.equal(router(*x), again(*x))
@@ -66,10 +67,12 @@ def test_save_load_gives_identical_scores(tmp_path, tok):
 
 
 def test_split_is_by_prompt():
-    prompt_ids = torch.arange(50).repeat_interleave(7)
-    val = train_router.split_by_prompt(prompt_ids, 0.2, seed=0)
-    assert set(prompt_ids[val].tolist()).isdisjoint(prompt_ids[~val].tolist())
-    assert len(set(prompt_ids[val].tolist())) == 10
+    prompt_ids = torch.arange(50).repeat_interleave(7)[torch.randperm(350, generator=torch.Generator().manual_seed(0))]
+    split = train_router.split_by_prompt(prompt_ids, 0.2, 0.1, seed=0)
+    train, val, test = (set(prompt_ids[i].tolist()) for i in split)
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+    assert (len(train), len(val), len(test)) == (35, 10, 5)
+    assert sorted(torch.cat(list(split)).tolist()) == list(range(350))  # every position in exactly one split
 
 
 def test_threshold_rules():
