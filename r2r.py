@@ -471,5 +471,7 @@ def load_labels(folder):
     shards = sorted(s for s in os.listdir(os.path.join(folder, "shards")) if not s.endswith(".tmp"))
     if not shards:
         raise R2RError(f"{folder} holds no finished chunk yet: run label.py to the end")
-    return meta, datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(folder, "shards", s))
-                                                for s in shards])
+    paths = [os.path.join(folder, "shards", s) for s in shards]
+    # A chunk that kept no row (every response unfinished) is a shard without data files.
+    parts = [datasets.load_from_disk(p) for p in paths if any(f.endswith(".arrow") for f in os.listdir(p))]
+    return meta, datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({})

@@ -18,10 +18,11 @@ Random models differ from trained ones in three ways, and the rehearsal says how
 - A random pair disagrees at almost every position (a real one at about 11%), so labeling
   steps 3 and 4 run about 9x a real pair's branches per response: their times are upper
   bounds; --judge-span keeps them short.
-- A random judge answers nothing parsable, so its lm_head keeps only the rows of "Output",
-  ":", "0" and "1" (as +u, -u, +w, -w: one always wins): its replies are random verdicts,
-  which gives train_router.py both classes. Its chat template still thinks first unless
-  label.py switches thinking off.
+- A random judge answers nothing parsable, so its lm_head keeps two rows only, the words
+  "Output:0" and "Output:1", set from the judge's own states on a few judge prompts so that
+  which one wins changes with the prompt: every reply is a verdict, and train_router.py
+  gets both classes. Its chat template still thinks first
+  unless label.py switches thinking off.
 """
 import argparse
 import gc
@@ -44,7 +45,7 @@ import r2r  # noqa: E402
 import train_router  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-WORDS = ["user", "assistant", "Output", ":", "0", "1", ".", ";"]
+WORDS = ["user", "assistant", "Output:0", "Output:1", ".", ";"]  # the judge's two replies are single words
 # Qwen3's template in miniature: the assistant turn opens <think> unless enable_thinking is false.
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|> assistant <think> {% if enable_thinking is defined "
@@ -63,6 +64,11 @@ def synthetic_tokenizer(n_ids=151643):
                                    unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
+def words(tok, rng, n):
+    """n random words of the synthetic vocabulary: "w4711 w815 ..."."""
+    return " ".join(f"w{rng.randrange(len(SPECIALS) + len(WORDS), len(tok))}" for _ in range(n))
+
+
 def random_model(name, tok, args, seed, judge=False):
     """Random weights from a published config (sizes overridden by --hidden-size/--layers)."""
     cfg = dict(r2r.CONFIGS[name])
@@ -78,11 +84,21 @@ def random_model(name, tok, args, seed, judge=False):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     if judge:
         with torch.no_grad():
-            head = model.get_output_embeddings().weight  # (V, H)
-            u, w = head[0].clone(), head[1].clone()
-            head.zero_()
-            for word, row in (("Output", u), (":", -u), ("0", w), ("1", -w)):
-                head[tok.convert_tokens_to_ids(word)] = row
+            head, verdicts = model.get_output_embeddings().weight, tok.convert_tokens_to_ids(["Output:0", "Output:1"])
+            model.get_input_embeddings().weight[verdicts] = 0  # so what follows a verdict hangs on the prompt
+            # The states that pick a reply's later tokens (after a verdict), over 8 judge prompts: w is the
+            # direction along which they differ most, the rows w and 2(w.m)m/|m|^2 - w split them around
+            # their mean m, and every other row is zero, so each reply is verdicts that change with the prompt.
+            rng = random.Random(seed)
+            h = torch.stack([r2r.forward(model, torch.tensor([r2r.encode_prompt(tok, label.judge_prompt(
+                words(tok, rng, 50), words(tok, rng, 3) + " <<w9>> ", words(tok, rng, 3) + " <<w11>> "),
+                thinking=False) + verdicts[:1]], device=model.device), last=True)[0][0, -1]
+                for _ in range(8)]).float()  # (8, H)
+            m = h.mean(0)
+            w = torch.linalg.svd(h - m, full_matrices=False).Vh[0]
+            w = w if w @ m > 0 else -w  # both verdict logits then sum to 2 w.m > 0, above the zero rows
+            head.zero_()  # (V, H)
+            head[verdicts[0]], head[verdicts[1]] = w, 2 * (w @ m) * m / (m @ m) - w
     # What a hub model ships (Qwen3: sampling at 0.6 / top-k 20 / top-p 0.95; Qwen2.5: a
     # repetition penalty): the scripts' greedy paths must ignore all of it.
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=True,
@@ -100,8 +116,7 @@ def build(args):
     rng = random.Random(0)
     with open(os.path.join(args.work, "prompts.jsonl"), "w") as f:
         for _ in range(args.n_prompts):
-            words = " ".join(f"w{rng.randrange(len(SPECIALS) + len(WORDS), len(tok))}" for _ in range(args.prompt_len))
-            f.write(json.dumps({"prompt": words, "answer": "0"}) + "\n")
+            f.write(json.dumps({"prompt": words(tok, rng, args.prompt_len), "answer": "0"}) + "\n")
     for seed, (role, name) in enumerate((("slm", args.slm), ("llm", args.llm), ("judge", args.judge))):
         t = time.perf_counter()
         model = random_model(name, tok, args, seed, judge=role == "judge")
