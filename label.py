@@ -104,15 +104,13 @@ def slm_positions(slm, tok, seqs, starts, k):
 def branch_batches(branches, max_new, budget):
     """Consecutive branches, batched so that batch size x (longest prefix + max_new) stays
     within `budget` tokens: the KV cache a batch holds, whether prefixes are short or long."""
-    batch, longest = [], 0
+    batch = []
     for br in branches:
-        if batch and (len(batch) + 1) * (max(longest, br[1]) + max_new) > budget:
+        if batch and (len(batch) + 1) * (max(n for _, n, _ in batch + [br]) + max_new) > budget:
             yield batch
-            batch, longest = [], 0
+            batch = []
         batch.append(br)
-        longest = max(longest, br[1])
-    if batch:
-        yield batch
+    yield from [batch] if batch else []
 
 
 @torch.no_grad()
@@ -282,13 +280,12 @@ def parse_args(argv=None):
     p.add_argument("--judge-span", type=int, default=64, help="most tokens a branch is continued for the judge")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per chunk (one shard each); the LLM's KV "
                    "cache of a chunk's responses grows with it: reduce if you run out of memory")
-    # The defaults below fit the README's recipe (Qwen3-0.6B + 8B, a 14B judge, 4K-token responses) on one
-    # 80 GB GPU, beside the ~47 GB of bf16 weights: Qwen3-8B's KV cache takes 0.14 MB a token, so 64K
-    # tokens of branches ~9.4 GB (15 branches at 4K); a judge prompt is ~600 tokens, 32 of them ~3.8 GB
-    # of Qwen2.5-14B's cache (0.19 MB a token).
+    # Defaults for the README's recipe on one 80 GB GPU, beside ~47 GB of bf16 weights (0.6B, 8B, 14B judge).
     p.add_argument("--branch-tokens", type=int, default=65536, help="step 3 continues as many mismatches at once "
-                   "as fit this many cached tokens (branches x longest prefix): reduce if you run out of memory")
-    p.add_argument("--judge-batch-size", type=int, default=32, help="judge prompts answered at once (step 4)")
+                   "as fit this many cached tokens (branches x longest prefix); Qwen3-8B's KV cache takes 0.14 MB "
+                   "a token, so the default holds ~9.4 GB (15 branches of 4K tokens)")
+    p.add_argument("--judge-batch-size", type=int, default=32, help="judge prompts answered at once (step 4); "
+                   "32 prompts of ~600 tokens hold ~3.8 GB of a 14B judge's KV cache")
     p.add_argument("--top-k", type=int, default=100, help="top-k logits stored as router features (paper: 100)")
     args = p.parse_args(argv)
     sizes = (args.max_new_tokens, args.batch_size, args.branch_tokens, args.judge_batch_size, args.judge_span)
@@ -314,12 +311,11 @@ def main(argv=None):
         judge = (r2r.load_model(args.verifier, device, dtype, device_map=args.device_map),
                  r2r.load_tokenizer(args.verifier))
     args.top_k = min(args.top_k, len(tok))
-    # Resuming is only safe with every argument that changes a row: they are kept beside the shards.
-    meta = dict(slm=args.slm, llm=args.llm, prompts=args.prompts, split=args.split, prompt_field=args.prompt_field,
-                answer_field=args.answer_field, verifier=args.verifier, n=len(rows), limit=args.limit, seed=args.seed,
-                max_new_tokens=args.max_new_tokens, keep_unfinished=args.keep_unfinished, judge_span=args.judge_span,
-                batch_size=args.batch_size, top_k=args.top_k, chat=not args.no_chat_template, dtype=str(dtype),
-                fingerprint=r2r.fingerprint(slm, tok))
+    # Resuming is only safe with every argument that changes a row (all but where and how fast it
+    # runs): they are kept beside the shards, with the resolved dtype and the SLM's fingerprint.
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "device", "device_map", "branch_tokens",
+                                                            "judge_batch_size", "dtype")}
+    meta.update(n=len(rows), dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))
     shards = os.path.join(args.out, "shards")
     os.makedirs(shards, exist_ok=True)
     meta_path = os.path.join(args.out, "meta.json")
