@@ -148,7 +148,8 @@ def main(argv=None):
     # sizes
     p.add_argument("--slm", default="qwen3-0.6b", choices=list(r2r.CONFIGS), help="published config of the SLM")
     p.add_argument("--llm", default="qwen3-8b", choices=list(r2r.CONFIGS), help="published config of the LLM")
-    p.add_argument("--judge", default="qwen3-14b", choices=[k for k, c in r2r.CONFIGS.items() if not c["tie_word_embeddings"]],
+    untied = [k for k, c in r2r.CONFIGS.items() if not c["tie_word_embeddings"]]
+    p.add_argument("--judge", default="qwen3-14b", choices=untied,
                    help="published config of the judge, one with its own lm_head (the README's recipe: a 14B judge)")
     p.add_argument("--vocab-size", type=int, default=151643, help="tokenizer ids (Qwen3: 151,643)")
     p.add_argument("--hidden-size", type=int, default=None, help="shrink every model to this width (tests)")

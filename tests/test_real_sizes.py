@@ -117,8 +117,9 @@ print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
-    """16 prompts x 256 new tokens x 150,000 ids: the old step 2 held (16, ~280, 150K) fp32
-    logits, 2.7 GB on its own; slices of 2^24 logits keep the whole process near 1 GB."""
+    """16 prompts x 256 new tokens x 150,000 ids: the old step 2 held (16, ~272, 150K) fp32
+    logits, 2.6 GB on their own (on these sizes its process peaked at 3.0 GiB); slices of
+    2^24 logits keep the whole run under 1 GiB."""
     code = CHILD.format(root=ROOT, work=str(tmp_path), vocab=150_000, new=256)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))
@@ -195,7 +196,8 @@ def test_scripted_judge_labels_planted_mismatches(planted, tok, tmp_path, monkey
     judge_tok = byte_tokenizer(THINKING)
     judge = ScriptedJudge(judge_tok)
     real_model, real_tok = r2r.load_model, r2r.load_tokenizer
-    monkeypatch.setattr(r2r, "load_model", lambda path, *a, **kw: judge if path == "judge" else real_model(path, *a, **kw))
+    monkeypatch.setattr(r2r, "load_model", lambda path, *a, **kw: judge if path == "judge" else
+                        real_model(path, *a, **kw))
     monkeypatch.setattr(r2r, "load_tokenizer", lambda path: judge_tok if path == "judge" else real_tok(path))
     label.main(["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"], "--verifier", "judge",
                 "--judge-batch-size", "2", "--out", str(tmp_path / "labels")])
@@ -282,8 +284,8 @@ def test_device_map_reaches_from_pretrained(planted, tmp_path, monkeypatch):
 
 def test_rehearsal_runs_end_to_end_at_tiny_size(tmp_path, capsys):
     results = rehearse.main(["--work", str(tmp_path), "--vocab-size", "3000", "--hidden-size", "32", "--layers", "1",
-                             "--router-width", "16", "--router-blocks", "1", "--max-new-tokens", "24", "--n-prompts", "3",
-                             "--prompt-len", "20", "--judge-span", "4", "--device", "cpu"])
+                             "--router-width", "16", "--router-blocks", "1", "--max-new-tokens", "24",
+                             "--n-prompts", "3", "--prompt-len", "20", "--judge-span", "4", "--device", "cpu"])
     assert list(results) == ["label", "train", "generate", "evaluate"]
     meta, ds = r2r.load_labels(str(tmp_path / "labels"))
     assert len(set(ds["prompt_id"])) == 3 and {"neutral", "divergent"} <= set(ds["kind"])
