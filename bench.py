@@ -21,20 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import r2r
 
-# Published configs (the models' config.json, the fields that set their cost).
-QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
-QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0,
-             max_position_embeddings=40960)
-CONFIGS = {
-    "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                    intermediate_size=8960, tie_word_embeddings=False),
-    "r1-32b": dict(QWEN2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                   intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       intermediate_size=3072, tie_word_embeddings=True),
-    "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=12288, tie_word_embeddings=False),
-}
+CONFIGS = r2r.CONFIGS  # published configs, shared with demo/rehearse.py
 PAIRS = {"r1-1.5b+32b": ("r1-1.5b", "r1-32b"), "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b")}
 
 
@@ -83,7 +70,7 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
         r2r.forward(model, ids[:, :prompt_len], cache)
 
         def one_pass():
-            r2r.pick(r2r.forward(model, ids[:, :g], cache)[1][0, -1])
+            r2r.pick(r2r.forward(model, ids[:, :g], cache, last=True)[1][0, -1])
             cache.crop(-g)  # transformers 5.x: a negative count drops that many tokens
             assert cache.get_seq_length() == prompt_len
         return one_pass
@@ -93,7 +80,8 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
     feats = (torch.randn(1, H, device=device), torch.randn(1, k, device=device), torch.randn(1, H, device=device))
     router_s = timed(lambda: torch.sigmoid(router(*feats)).item(), device, reps)
     llm_s = {g: timed(step(llm, g), device, reps) for g in set(gaps)}
-    prefill_s = timed(lambda: r2r.pick(r2r.forward(llm, ids[:, :prompt_len], DynamicCache())[1][0, -1]), device, reps)
+    prefill_s = timed(lambda: r2r.pick(r2r.forward(llm, ids[:, :prompt_len], DynamicCache(), last=True)[1][0, -1]),
+                      device, reps)
     n, first_calls = sum(len(t.tokens) for t in traces), sum(bool(t.catch_up) for t in traces)
     return n * (slm_s + router_s) + sum(llm_s[g] for g in gaps) + first_calls * prefill_s, slm_s, router_s
 
@@ -115,7 +103,7 @@ def main(argv=None):
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
-        slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
+        slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
         vocab = len(tok)
         router = r2r.load_router(args.router, slm, tok, device)
         rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)

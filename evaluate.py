@@ -52,13 +52,13 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
                 flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
 
 
-def greedy_all(model, is_llm, tok, rows, args, batch_size=100):
-    """Single-model rows, batched: `--mode slm/llm` equal model.generate token for token
-    (tests/test_generate.py), so the batched path gives the same texts, far faster."""
+def greedy_all(model, is_llm, tok, rows, args, eos):
+    """Single-model rows, batched: r2r.greedy_batch follows decode's rule (raw argmax, the
+    pair's EOS ids), so it gives `--mode slm/llm`'s texts (tests/test_real_sizes.py), far faster."""
     traces = []
-    for i in tqdm(range(0, len(rows), batch_size), desc="greedy", leave=False):
-        for _, response, _ in r2r.greedy_batch(model, tok, [r["prompt"] for r in rows[i:i + batch_size]],
-                                               args.max_new_tokens, not args.no_chat_template):
+    for i in tqdm(range(0, len(rows), args.batch_size), desc="greedy", leave=False):
+        for _, response, _ in r2r.greedy_batch(model, tok, [r["prompt"] for r in rows[i:i + args.batch_size]],
+                                               args.max_new_tokens, not args.no_chat_template, eos=eos):
             traces.append(r2r.Trace(tokens=response, from_llm=[int(is_llm)] * len(response)))
     return traces
 
@@ -86,18 +86,27 @@ def slm_step_scores(slm, tok, prompts, traces, k):
     return {name: torch.cat(s) for name, s in scores.items()}
 
 
+def quantile(x, q):
+    """torch.quantile's value (linear interpolation) at any size: it refuses over 2^24 elements."""
+    x, pos = x.double().sort().values, q * (len(x) - 1)
+    lo = int(pos)
+    return (x[lo] + (pos - lo) * (x[min(lo + 1, len(x) - 1)] - x[lo])).item()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r2r.add_common_args(p, prompts="test.jsonl", split="test")
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together: 16 fits Qwen3-0.6B + 8B "
+                   "at 4K tokens on one 80 GB GPU; lower it for larger pairs or if you run out of memory")
     p.add_argument("--out", default=None, help="write every row to this .json or .csv file")
     p.add_argument("--plot", default=None, help="draw accuracy against LLM share into this image (.png, .pdf, "
                    ".svg); needs matplotlib")
     args = p.parse_args(argv)
-    if any(not 0 <= t <= 1 for t in args.thresholds) or args.max_new_tokens < 1:
-        raise r2r.R2RError("--thresholds must lie in [0, 1] and --max-new-tokens be at least 1")
+    if any(not 0 <= t <= 1 for t in args.thresholds) or min(args.max_new_tokens, args.batch_size) < 1:
+        raise r2r.R2RError("--thresholds must lie in [0, 1]; --max-new-tokens and --batch-size be at least 1")
     if args.out and not args.out.endswith((".json", ".csv")):
         raise r2r.R2RError(f"--out {args.out}: name a .json or a .csv file")
     if args.plot:
@@ -111,7 +120,7 @@ def evaluate(args):
     if any(r["answer"] is None for r in rows):
         raise r2r.R2RError(f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers")
     device, dtype = r2r.pick_device(args.device, args.dtype)
-    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
+    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
@@ -125,7 +134,8 @@ def evaluate(args):
                   f"identical to LLM {result['identical']:6.1%}")
         return result
 
-    slm_traces, llm_traces = greedy_all(slm, False, tok, rows, args), greedy_all(llm, True, tok, rows, args)
+    eos = r2r.eos_ids(slm, llm)
+    slm_traces, llm_traces = greedy_all(slm, False, tok, rows, args, eos), greedy_all(llm, True, tok, rows, args, eos)
     bar.update(2 * len(rows))
     results = [row("SLM only", None, slm_traces), row("LLM only", None, llm_traces)]
     scores = slm_step_scores(slm, tok, prompts, slm_traces, router.config["top_k"])
@@ -136,7 +146,7 @@ def evaluate(args):
         results.append(r)
         # Baselines at the share R2R reached: route the same share of the SLM's own steps.
         for kind, s in scores.items():
-            bt = s.quantile(1 - r["share"]).item() if r["share"] > 0 else 1.0
+            bt = quantile(s, 1 - r["share"]) if r["share"] > 0 else 1.0
             base = r2r.ConfidenceRouter(kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0))
             bar.set_description(kind)
             results.append(row(f"{kind}", bt, decode_all(slm, llm, base, tok, prompts, args, bar)))

@@ -142,7 +142,7 @@ def main(argv=None):
     if not prompts:
         raise r2r.R2RError("no prompt: give --prompt TEXT or --prompts-file FILE")
     device, dtype = r2r.pick_device(args.device, args.dtype)
-    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
+    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import time
 
@@ -32,6 +33,7 @@ import r2r
 
 PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}  # the authors' R1-1.5B vs R1-32B
 SENTENCE_END = re.compile(r"[.!?;\n]")
+SLICE_LOGITS = 2**24  # step 2 holds at most this many logits at once (32 MiB in bf16), whatever V
 
 # ----------------------------------------------------------------------------- the judge
 
@@ -81,20 +83,38 @@ def pad_right(seqs, pad, device):
 def slm_positions(slm, tok, seqs, starts, k):
     """Step 2, teacher forcing: one batched SLM pass. For each sequence, at every response
     position j (predicting token starts+j), the router features and the SLM's argmax.
-    Right padding leaves every real position's causal context untouched."""
+    Right padding leaves every real position's causal context untouched. The pass keeps
+    hidden states only; lm_head runs over slices of SLICE_LOGITS // V positions, so memory
+    does not grow with responses x vocabulary (B x T x V logits: 83 GB at 64 x 4.3K x 152K)."""
     ids, mask = pad_right(seqs, r2r.pad_id(tok, slm), slm.device)
-    hidden, logits = r2r.forward(slm, ids, None, attention_mask=mask)  # (B, T, H), (B, T, V)
-    out = []
+    hidden = r2r.forward(slm, ids, None, last=True, attention_mask=mask)[0]  # (B, T, H)
+    step, out = max(1, SLICE_LOGITS // len(tok)), []
     for i, (s, p) in enumerate(zip(seqs, starts)):
-        h, lg = hidden[i, p - 1:len(s) - 1], logits[i, p - 1:len(s) - 1, :len(tok)]  # (n, H), (n, V)
-        argmax = lg.argmax(-1)
-        h, topk, _ = r2r.router_inputs(slm, h, lg, argmax, k)
-        out.append((argmax.tolist(), h.cpu(), topk.cpu()))
+        parts = []
+        for a in range(p - 1, len(s) - 1, step):
+            h = hidden[i, a:min(a + step, len(s) - 1)]  # (n, H)
+            lg = slm.get_output_embeddings()(h)[:, :len(tok)]  # (n, V)
+            argmax = lg.argmax(-1)
+            parts.append([x.cpu() for x in (argmax,) + r2r.router_inputs(slm, h, lg, argmax, k)[:2]])
+        argmax, h, topk = (torch.cat(x) for x in zip(*parts))  # (n,), (n, H), (n, k) for the whole response
+        out.append((argmax.tolist(), h, topk))
     return out
 
 
+def branch_batches(branches, max_new, budget):
+    """Consecutive branches, batched so that batch size x (longest prefix + max_new) stays
+    within `budget` tokens: the KV cache a batch holds, whether prefixes are short or long."""
+    batch = []
+    for br in branches:
+        if batch and (len(batch) + 1) * (max(n for _, n, _ in batch + [br]) + max_new) > budget:
+            yield batch
+            batch = []
+        batch.append(br)
+    yield from [batch] if batch else []
+
+
 @torch.no_grad()
-def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
+def continue_branches(llm, tok, seqs, branches, stop, max_new, budget):
     """Step 3: for each branch (sequence i, cut at n tokens, SLM token t) the LLM continues
     greedily from seqs[i][:n] + [t]. The prefixes are not recomputed: one teacher-forced
     LLM pass over all sequences fills a cache, and each branch takes its first n positions,
@@ -104,8 +124,7 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
     full = DynamicCache()
     llm.base_model(input_ids=ids, attention_mask=mask, past_key_values=full, use_cache=True)
     results = []
-    for b0 in range(0, len(branches), batch_size):
-        batch = branches[b0:b0 + batch_size]
+    for batch in branch_batches(branches, max_new, budget):
         L = max(n for _, n, _ in batch)
         cache = DynamicCache()
         for layer, kv in enumerate(full.layers):
@@ -122,7 +141,7 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, batch_size):
                 break
             mask = torch.cat([mask, torch.ones_like(last)], dim=1)
             _, logits = r2r.forward(llm, last, cache, attention_mask=mask, position_ids=pos)
-            last, pos = logits[:, -1, :len(tok)].argmax(-1, keepdim=True), pos + 1
+            last, pos = logits[:, -1, :len(tok)].argmax(-1, keepdim=True).to(llm.device), pos + 1  # (B, 1)
             for i, t in enumerate(last[:, 0].tolist()):
                 if not done[i]:
                     outs[i].append(t)
@@ -153,20 +172,33 @@ def sentence_view(tok, response, j, branch, ends):
 
 # ----------------------------------------------------------------------------- one chunk
 
+def peak_memory_gib(device):
+    """Peak memory since the last torch.cuda.reset_peak_memory_stats(), summed over the GPUs
+    on cuda; elsewhere the process's peak resident memory so far (it never resets)."""
+    if device.type == "cuda":
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class Steps:
-    """A progress bar per step of labeling, and the seconds each step took in this run."""
+    """A progress bar per step of labeling, the seconds each step took in this run and its
+    peak memory (the GPU allocator's, reset between steps; on CPU the process's peak)."""
     NAMES = ("1 LLM responses", "2 SLM features", "3 continuations", "4 verifier")
 
-    def __init__(self, n_prompts, done):
+    def __init__(self, n_prompts, done, device):
         units = ("prompt", "response", "branch", "branch")
         self.bars = [tqdm(desc=name, unit=u, position=i, total=n_prompts if i == 0 else None,
                           initial=done if i == 0 else 0) for i, (name, u) in enumerate(zip(self.NAMES, units))]
-        self.seconds = collections.Counter()
+        self.seconds, self.peak, self.device = collections.Counter(), collections.Counter(), device
 
     def done(self, i, n, since):
         """Step i finished n more items; it started at time `since`."""
         self.seconds[self.NAMES[i]] += time.perf_counter() - since
+        self.peak[self.NAMES[i]] = max(self.peak[self.NAMES[i]], peak_memory_gib(self.device))
+        self.bars[i].set_postfix_str(f"peak {self.peak[self.NAMES[i]]:.2f} GiB", refresh=False)
         self.bars[i].update(n)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
 
     def close(self):
         for bar in self.bars:
@@ -178,8 +210,9 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
     stats = collections.Counter()
     t = time.perf_counter()
     # 1. The LLM's greedy responses, as token ids; only finished ones are labeled, as the authors do.
-    responses = r2r.greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template)
-    keep = [(i, p, r) for i, (p, r, finished) in enumerate(responses) if finished]
+    responses = r2r.greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template,
+                                 eos=eos)
+    keep = [(i, p, r) for i, (p, r, finished) in enumerate(responses) if finished or args.keep_unfinished]
     stats["unfinished responses"] += len(rows) - len(keep)
     steps.done(0, len(rows), t)
     if not keep:
@@ -197,7 +230,7 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
         stop, budget = (lambda o: o[-1] in eos), args.max_new_tokens
     else:
         stop, budget = (lambda o: sum(t in ends for t in o) >= 2 or o[-1] in eos), args.judge_span
-    cont = continue_branches(llm, tok, seqs, branches, stop, budget, args.batch_size)
+    cont = continue_branches(llm, tok, seqs, branches, stop, budget, args.branch_tokens)
     steps.done(2, len(branches), t)
     t = time.perf_counter()
     # 4. Verify: neutral (0) or divergent (1); unverifiable mismatches are dropped and counted.
@@ -210,7 +243,9 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
         judge_model, judge_tok = judge
         views = [sentence_view(tok, keep[b][2], n - starts[b], branch, ends) for (b, n, _), (branch, _) in
                  zip(branches, cont)]
-        replies = r2r.greedy_batch(judge_model, judge_tok, [judge_prompt(*v) for v in views], 16) if views else []
+        prompts, replies, size = [judge_prompt(*v) for v in views], [], args.judge_batch_size
+        for a in range(0, len(prompts), size):  # thinking off: a judge that thinks first has no verdict in 16 tokens
+            replies += r2r.greedy_batch(judge_model, judge_tok, prompts[a:a + size], 16, thinking=False)
         for (b, n, _), (_, reply, _) in zip(branches, replies):
             verdicts[b, n - starts[b]] = parse_judge(judge_tok.decode(reply))
     stats["verifier drops"] += sum(v is None for v in verdicts.values())
@@ -240,13 +275,22 @@ def parse_args(argv=None):
     # work
     p.add_argument("--out", default="labels", help="output folder; rerun with the same arguments to resume")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest LLM response; longer ones are dropped")
+    p.add_argument("--keep-unfinished", action="store_true", help="also label responses cut at --max-new-tokens "
+                   "(the authors drop them; demo/rehearse.py keeps them, as random models rarely stop)")
     p.add_argument("--judge-span", type=int, default=64, help="most tokens a branch is continued for the judge")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per chunk and branches per batch; "
-                   "reduce if you run out of memory")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per chunk (one shard each); the LLM's KV "
+                   "cache of a chunk's responses grows with it: reduce if you run out of memory")
+    # Defaults for the README's recipe on one 80 GB GPU, beside ~47 GB of bf16 weights (0.6B, 8B, 14B judge).
+    p.add_argument("--branch-tokens", type=int, default=65536, help="step 3 continues as many mismatches at once "
+                   "as fit this many cached tokens (branches x longest prefix); Qwen3-8B's KV cache takes 0.14 MB "
+                   "a token, so the default holds ~9.4 GB (15 branches of 4K tokens)")
+    p.add_argument("--judge-batch-size", type=int, default=32, help="judge prompts answered at once (step 4); "
+                   "32 prompts of ~600 tokens hold ~3.8 GB of a 14B judge's KV cache")
     p.add_argument("--top-k", type=int, default=100, help="top-k logits stored as router features (paper: 100)")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.judge_span < 1 or (args.limit or 1) < 1:
-        raise r2r.R2RError("--max-new-tokens, --judge-span, --batch-size and --limit must be at least 1")
+    sizes = (args.max_new_tokens, args.batch_size, args.branch_tokens, args.judge_batch_size, args.judge_span)
+    if min(sizes) < 1 or (args.limit or 1) < 1:
+        raise r2r.R2RError("--max-new-tokens, --judge-span, --limit and the batch sizes must be at least 1")
     return args
 
 
@@ -261,32 +305,36 @@ def main(argv=None):
         raise r2r.R2RError(f"--verifier answer needs answers, and {args.prompts} has no '{args.answer_field}' "
                            "field: name it with --answer-field or use a judge model")
     device, dtype = r2r.pick_device(args.device, args.dtype)
-    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
+    slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     judge = None
     if args.verifier != "answer":
-        judge = r2r.load_model(args.verifier, device, dtype), r2r.load_tokenizer(args.verifier)
+        judge = (r2r.load_model(args.verifier, device, dtype, device_map=args.device_map),
+                 r2r.load_tokenizer(args.verifier))
     args.top_k = min(args.top_k, len(tok))
-    # Resuming is only safe with the same arguments: they are kept beside the shards.
-    meta = dict(slm=args.slm, llm=args.llm, prompts=args.prompts, split=args.split, verifier=args.verifier,
-                n=len(rows), seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                top_k=args.top_k, chat=not args.no_chat_template, fingerprint=r2r.fingerprint(slm, tok))
+    # Resuming is only safe with every argument that changes a row (all but where and how fast it
+    # runs): they are kept beside the shards, with the resolved dtype and the SLM's fingerprint.
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "device", "device_map", "branch_tokens",
+                                                            "judge_batch_size", "dtype")}
+    meta.update(n=len(rows), dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))
     shards = os.path.join(args.out, "shards")
     os.makedirs(shards, exist_ok=True)
     meta_path = os.path.join(args.out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            if json.load(f) != json.loads(json.dumps(meta)):
-                raise r2r.R2RError(f"{args.out} holds labels made with other arguments: use another --out or "
-                                   "delete it")
+            old = json.load(f)
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(meta)).items() if old.get(k) != v]
+        if changed:
+            raise r2r.R2RError(f"{args.out} holds labels made with other arguments ({'; '.join(changed)}): rerun "
+                               "with the same ones, use another --out or delete it")
     else:
         with open(meta_path + ".tmp", "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(meta_path + ".tmp", meta_path)
-    eos = r2r.eos_ids(llm)
+    eos = r2r.eos_ids(slm, llm)  # decode's EOS set: every greedy path stops alike
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | eos
     todo = [(c, os.path.join(shards, f"{c // args.batch_size:05d}")) for c in range(0, len(rows), args.batch_size)]
     todo = [(c, path) for c, path in todo if not os.path.exists(path)]  # skip what an earlier run finished
-    steps = Steps(len(rows), len(rows) - sum(len(rows[c:c + args.batch_size]) for c, _ in todo))
+    steps = Steps(len(rows), len(rows) - sum(len(rows[c:c + args.batch_size]) for c, _ in todo), device)
     for c, path in todo:
         out, stats = label_chunk(slm, llm, tok, rows[c:c + args.batch_size], args, judge, eos, ends, steps)
         ds = datasets.Dataset.from_dict(out or {k: [] for k in FEATURES}, features=FEATURES)
@@ -296,7 +344,7 @@ def main(argv=None):
             json.dump(stats, f)
         os.replace(path + ".tmp", path)
     steps.close()
-    summarize(args.out, tok, steps.seconds)
+    summarize(args.out, tok, steps)
 
 
 FEATURES = datasets.Features(dict(
@@ -305,7 +353,7 @@ FEATURES = datasets.Features(dict(
     hidden=datasets.Sequence(datasets.Value("float32")), topk=datasets.Sequence(datasets.Value("float32"))))
 
 
-def summarize(folder, tok, times):
+def summarize(folder, tok, steps):
     ds = r2r.load_labels(folder)[1].select_columns(["prompt_id", "slm_token", "llm_token", "kind"])
     stats = collections.Counter()
     for s in sorted(os.listdir(os.path.join(folder, "shards"))):
@@ -323,7 +371,8 @@ def summarize(folder, tok, times):
                                 if r["kind"] == "neutral")
     print("  commonest neutral (SLM / LLM): " + ", ".join(f"{a!r}/{b!r} {v}" for (a, b), v in pairs.most_common(6)))
     print("  dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(stats.items())) or "nothing"))
-    print("  time per step (this run): " + ", ".join(f"{k} {v:.0f}s" for k, v in sorted(times.items())))
+    print("  time, peak memory per step (this run): " + ", ".join(f"{k} {v:.0f}s {steps.peak[k]:.2f} GiB"
+                                                                for k, v in sorted(steps.seconds.items())))
 
 
 if __name__ == "__main__":

@@ -30,15 +30,16 @@ class R2RError(Exception):
 
 # ----------------------------------------------------------------------------- model steps
 
-def forward(model, ids, cache=None, **kw):
+def forward(model, ids, cache=None, *, last=False, **kw):
     """One pass of `model` over `ids` (B, T), extending `cache` in place (`kw`: attention
     mask and position ids for padded batches). Returns the last hidden state (B, T, H),
-    i.e. the vector lm_head reads, after the final norm, and the logits (B, T, V). The
-    hidden state comes from the base model: output_hidden_states=True would keep every
-    layer (README, transformers 5.x notes)."""
+    i.e. the vector lm_head reads, after the final norm, and the logits (B, T, V), or only
+    the last position's (B, 1, V) with `last=True`: a prefill or catch-up reads nothing
+    else, and T x V logits of a 4K-token prompt would cost gigabytes. The hidden state
+    comes from the base model: output_hidden_states=True would keep every layer."""
     out = model.base_model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, **kw)
     hidden = out.last_hidden_state  # (B, T, H)
-    return hidden, model.get_output_embeddings()(hidden)
+    return hidden, model.get_output_embeddings()(hidden[:, -1:] if last else hidden)
 
 
 def router_inputs(slm, hidden, logits, tokens, k):
@@ -183,7 +184,7 @@ class Trace:
 def slm_step(slm, fresh, cache, V):
     """Phase 1: the SLM reads the tokens it has not seen yet (the prompt, or the last
     committed token). Returns its last hidden state (1, H) and logits (1, V)."""
-    hidden, logits = forward(slm, torch.tensor([fresh], device=slm.device), cache)
+    hidden, logits = forward(slm, torch.tensor([fresh], device=slm.device), cache, last=True)
     return hidden[0, -1:], logits[0, -1:, :V]
 
 
@@ -198,7 +199,7 @@ def catch_up(llm, pending, cache):
     """Phase 3, R2R's batched catch-up (R2R Stage 3): ONE LLM pass over every token
     committed since its last call. Returns the LLM's next-token logits (V,)."""
     ids = torch.tensor([pending], device=llm.device)  # (1, T_gap)
-    return forward(llm, ids, cache)[1][0, -1]
+    return forward(llm, ids, cache, last=True)[1][0, -1]
 
 
 @torch.no_grad()
@@ -253,22 +254,30 @@ def activated_params(trace, p_slm, p_llm):
 
 
 @torch.no_grad()
-def greedy_batch(model, tok, prompts, max_new_tokens, chat=True):
-    """Greedy responses to many prompts at once with model.generate (left padding).
-    Returns (prompt_ids, response_ids, finished) per prompt; a finished response ends with
-    the EOS token the model wrote."""
-    rows, pad = [encode_prompt(tok, p, chat) for p in prompts], pad_id(tok, model)
+def greedy_batch(model, tok, prompts, max_new_tokens, chat=True, *, eos=None, thinking=None):
+    """Greedy responses to many prompts at once, left-padded: decode's rule, the raw argmax
+    over the tokenizer's ids until an id in `eos` (default: the model's EOS ids). Not
+    model.generate, which applies the model's generation_config (repetition penalty, ...)
+    even to fields a GenerationConfig of ours leaves unset (transformers 5.x). Returns
+    (prompt_ids, response_ids, finished) per prompt; a finished response ends with its EOS."""
+    rows, pad = [encode_prompt(tok, p, chat, thinking=thinking) for p in prompts], pad_id(tok, model)
+    eos = eos_ids(model) if eos is None else eos
     T = max(map(len, rows))
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    vocab = model.config.get_text_config().vocab_size
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, suppress_tokens=list(range(len(tok), vocab)) or None)
-    eos, results = eos_ids(model), []
-    for r, new in zip(rows, out[:, T:].tolist()):
-        end = next((i for i, t in enumerate(new) if t in eos), None)
-        results.append((r, new if end is None else new[:end + 1], end is not None))
-    return results
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)  # (B, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): padding shifts no real position
+    cache, new, done = DynamicCache(), [[] for _ in rows], [False] * len(rows)
+    for _ in range(max_new_tokens):
+        logits = forward(model, ids, cache, last=True, attention_mask=mask, position_ids=pos)[1]  # (B, 1, V)
+        ids = logits[:, -1, :len(tok)].argmax(-1, keepdim=True).to(model.device)  # (B, 1)
+        for i, t in enumerate(ids[:, 0].tolist()):
+            if not done[i]:
+                new[i].append(t)
+                done[i] = t in eos
+        if all(done):
+            break
+        mask, pos = torch.cat([mask, torch.ones_like(ids)], dim=1), pos[:, -1:] + 1
+    return list(zip(rows, new, done))
 
 # ----------------------------------------------------------------------------- command line
 
@@ -288,6 +297,8 @@ def add_common_args(p, router=True, prompts=None, split="train"):
         p.add_argument("--router", default=os.path.join(DEMO, "router"), help="router folder from train_router.py")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best one present)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on cuda, else fp32)")
+    p.add_argument("--device-map", default=None, help="'auto' spreads the LLM (and a judge) over every visible GPU "
+                   "with accelerate, for models that do not fit one; the SLM and router stay on --device")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
     if prompts:
         p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help=".txt, .json, .jsonl file or hub dataset")
@@ -329,20 +340,22 @@ def load_tokenizer(path):
     return _from_pretrained(AutoTokenizer, path)
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
-    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
-    return model.to(device).eval()
+def load_model(path, device="cpu", dtype=torch.float32, *, device_map=None):
+    """A model in eval mode on `device`, or placed by accelerate with `device_map` ("auto":
+    layer by layer over the GPUs). Code reads a model's input device from model.device."""
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype, device_map=device_map)
+    return (model if device_map else model.to(device)).eval()
 
 
-def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32):
-    """Load SLM, LLM and the tokenizer they share. Tokenizers must agree id for id; the
-    lm_head may be padded differently within a family (README, transformers 5.x notes), so
-    only the tokenizer's ids [0, len(tok)) are ever compared."""
+def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_map=None):
+    """Load SLM, LLM (with `device_map`, see load_model) and the tokenizer they share.
+    Tokenizers must agree id for id; the lm_head may be padded differently within a family
+    (README, transformers 5.x notes), so only the tokenizer's ids [0, len(tok)) are ever compared."""
     tok, llm_tok = load_tokenizer(slm_path), load_tokenizer(llm_path)
     if tok.get_vocab() != llm_tok.get_vocab():
         raise R2RError(f"the tokenizers of {slm_path} and {llm_path} differ: R2R needs an SLM and LLM "
                        "that share one tokenizer (same family, e.g. Qwen2.5-0.5B with Qwen2.5-7B)")
-    slm, llm = load_model(slm_path, device, dtype), load_model(llm_path, device, dtype)
+    slm, llm = load_model(slm_path, device, dtype), load_model(llm_path, device, dtype, device_map=device_map)
     for m, p in ((slm, slm_path), (llm, llm_path)):
         if m.config.get_text_config().vocab_size < len(tok):
             raise R2RError(f"{p} has fewer output rows than its tokenizer has ids ({len(tok)})")
@@ -365,6 +378,24 @@ def pad_id(tok, model):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# Published configs (the fields that set a model's cost): random weights at real size.
+QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
+QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0,
+             max_position_embeddings=40960)
+CONFIGS = {
+    "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                    intermediate_size=8960, tie_word_embeddings=False),
+    "r1-32b": dict(QWEN2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                   intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=3072, tie_word_embeddings=True),
+    "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=12288, tie_word_embeddings=False),
+    "qwen3-14b": dict(QWEN3, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
+                      intermediate_size=17408, tie_word_embeddings=False),
+}
 
 # ----------------------------------------------------------------------------- prompts, answers, labels
 
@@ -395,8 +426,15 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
     if bad is not None:
         raise R2RError(f"{source} has no field '{prompt_field}' holding text on row {bad + 1} (fields: "
                        f"{', '.join(rows[bad])}): name the right one with --prompt-field")
-    return [{"prompt": r[prompt_field], "answer": None if r.get(answer_field) is None else str(r[answer_field])}
-            for r in rows]
+    # A reference gets the same reading as a response: its \boxed{} if it has one, normalised.
+    return [{"prompt": r[prompt_field], "answer": reference_answer(r.get(answer_field))} for r in rows]
+
+
+def reference_answer(a):
+    """A dataset's answer as extract_answer reads a response: "\\boxed{\\dfrac{1}{2}}" -> "\\frac{1}{2}"."""
+    if a is None:
+        return None
+    return extract_answer(str(a)) if "\\boxed{" in str(a) else normalize_answer(str(a))
 
 
 def read_prompts_file(path, prompt_field):
@@ -419,25 +457,44 @@ def read_prompts_file(path, prompt_field):
     return rows
 
 
-def encode_prompt(tok, text, chat=True):
-    """Token ids of a user prompt, through the tokenizer's chat template when it has one."""
+def encode_prompt(tok, text, chat=True, *, thinking=None):
+    """Token ids of a user prompt, through the tokenizer's chat template when it has one.
+    thinking=False sets a template's enable_thinking switch off (Qwen3 thinks first by
+    default); templates without the switch ignore it."""
     if not text.strip():
         raise R2RError("empty prompt: give some text with --prompt")
     if chat and tok.chat_template:
+        switch = {} if thinking is None else {"enable_thinking": thinking}
         return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"])
+                                            tokenize=True, return_dict=True, **switch)["input_ids"])
     return tok.encode(text)
 
 
 def extract_answer(text):
-    """The final answer of a response, or None. Takes the last \\boxed{...} (reasoning
-    models), else a number closing the text after "so"/"thus"/"answer" (the demo task);
-    spaces between digits are dropped: "... so 7 7 9 3" -> "7793"."""
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        return boxed[-1].strip()
+    """The final answer of a response, or None. Takes the last \\boxed{...}, its braces
+    balanced at any depth ("\\boxed{\\frac{1}{2}}" -> "\\frac{1}{2}"), normalised; else a number
+    closing the text after "so"/"thus"/"answer" (the demo task), spaces between digits
+    dropped: "... so 7 7 9 3" -> "7793"."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, open_at = 0, start + len("\\boxed")
+        for i in range(open_at, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return normalize_answer(text[open_at + 1:i])
+        return None  # the box never closes: a response cut short
     m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
     return None if m is None else re.sub(r"[ ,]", "", m.group(1))
+
+
+def normalize_answer(s):
+    """One spelling per answer, so equal answers compare equal: "$\\dfrac{1}{2}$." ->
+    "\\frac{1}{2}", "\\left( 1, 2 \\right)" -> "(1,2)", "5\\text{ cm}" -> "5", "50\\%" -> "50"."""
+    s = re.sub(r"\\[dt]frac", r"\\frac", s.strip().strip("$").rstrip(".").strip("$"))
+    s = re.sub(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;:! ]|\^\{?\\circ\}?|\\?%", "", s)
+    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)  # a unit after the value
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    return re.sub(r"\s+", "", s).rstrip(".")
 
 
 def load_labels(folder):
@@ -451,5 +508,7 @@ def load_labels(folder):
     shards = sorted(s for s in os.listdir(os.path.join(folder, "shards")) if not s.endswith(".tmp"))
     if not shards:
         raise R2RError(f"{folder} holds no finished chunk yet: run label.py to the end")
-    return meta, datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(folder, "shards", s))
-                                                for s in shards])
+    paths = [os.path.join(folder, "shards", s) for s in shards]
+    # A chunk that kept no row (every response unfinished) is a shard without data files.
+    parts = [datasets.load_from_disk(p) for p in paths if any(f.endswith(".arrow") for f in os.listdir(p))]
+    return meta, datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({})

@@ -89,11 +89,23 @@ def split_by_prompt(prompt_ids, val_fraction, test_fraction, seed):
     return Split((~val & ~test).nonzero()[:, 0], val.nonzero()[:, 0], test.nonzero()[:, 0])
 
 
+def router_logits(router, emb_table, data, i):
+    """The router on positions i. The label set stays in host memory; each batch moves to
+    the router's device, where the SLM's embedding table must be too (--device cuda)."""
+    dev = next(router.parameters()).device
+    return router(data["hidden"][i].to(dev), data["topk"][i].to(dev), emb_table(data["slm_token"][i].to(dev)))
+
+
+def batch_loss(router, emb_table, data, y, i, pos_weight):
+    """Class-weighted binary cross-entropy of one batch (R2R Stage 2), on the router's device."""
+    logit = router_logits(router, emb_table, data, i)
+    return F.binary_cross_entropy_with_logits(logit, y[i].to(logit.device), pos_weight=pos_weight.to(logit.device))
+
+
 @torch.no_grad()
 def scores_of(router, emb_table, data, idx, batch=8192):
     router.eval()
-    out = [router(data["hidden"][i], data["topk"][i], emb_table(data["slm_token"][i])).float()
-           for i in idx.split(batch)]
+    out = [router_logits(router, emb_table, data, i).float().cpu() for i in idx.split(batch)]
     return torch.sigmoid(torch.cat(out))
 
 
@@ -107,8 +119,7 @@ def fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
         router.train()
         losses = []
         for i in tr_idx[torch.randperm(len(tr_idx))].split(args.batch_size):
-            logit = router(data["hidden"][i], data["topk"][i], emb_table(data["slm_token"][i]))
-            loss = F.binary_cross_entropy_with_logits(logit, y[i], pos_weight=pos_weight)
+            loss = batch_loss(router, emb_table, data, y, i, pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -186,7 +197,7 @@ def main(argv=None):
     # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
     pos_weight = torch.tensor((len(split.train) - n_pos) / n_pos)
     router = r2r.Router(data["hidden"].shape[1], data["topk"].shape[1], args.width, args.blocks, args.dropout,
-                        slm=meta["fingerprint"])
+                        slm=meta["fingerprint"]).to(args.device)  # beside emb_table, which load_features placed
     print(f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} held-out positions, "
           f"{y.mean():.2%} divergent, pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters")
     fit(router, emb_table, data, y, split.train, split.val, pos_weight, args)

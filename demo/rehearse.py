@@ -1,0 +1,205 @@
+"""
+demo/rehearse.py: the README's GPU recipe rehearsed at real size with random weights:
+label.py, train_router.py, generate.py and evaluate.py end to end, each step's time and
+peak memory printed. For a GPU machine; no download.
+
+    python demo/rehearse.py --work /tmp/rehearsal --steps label,train        # one H100: Qwen3-0.6B + 8B
+    python demo/rehearse.py --work /tmp/rehearsal --steps generate,evaluate  # reuses the models and router
+    python demo/rehearse.py --vocab-size 2000 --hidden-size 32 --layers 1 --max-new-tokens 12   # CPU, seconds
+
+It builds in --work: a word-level tokenizer of 151,643 ids (Qwen3's count, made offline,
+decoding to "w123 w456 ..."), a chat template that opens <think> unless enable_thinking is
+false, prompts of random words, and random SLM / LLM / judge models from the published
+configs (r2r.CONFIGS) whose generation configs carry a repetition penalty, a no-repeat
+n-gram size and Qwen3's sampling defaults, all of which our greedy rule must ignore.
+Random models differ from trained ones in three ways, and the rehearsal says how it copes:
+- They rarely write EOS: label.py runs with --keep-unfinished, so every response is
+  exactly --max-new-tokens long, the size being rehearsed.
+- A random pair disagrees at almost every position (a real one at about 11%), so labeling
+  steps 3 and 4 run about 9x a real pair's branches per response: their times are upper
+  bounds; --judge-span keeps them short.
+- A random judge answers nothing parsable, so its lm_head keeps two rows only, the words
+  "Output:0" and "Output:1", set from the judge's own states on a few judge prompts so that
+  which one wins changes with the prompt: every reply is a verdict, and train_router.py
+  gets both classes. Its chat template still thinks first
+  unless label.py switches thinking off.
+"""
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import evaluate  # noqa: E402
+import generate  # noqa: E402
+import label  # noqa: E402
+import r2r  # noqa: E402
+import train_router  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+WORDS = ["user", "assistant", "Output:0", "Output:1", ".", ";"]  # the judge's two replies are single words
+# Qwen3's template in miniature: the assistant turn opens <think> unless enable_thinking is false.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant <think> {% if enable_thinking is defined "
+                 "and enable_thinking is false %}</think> {% endif %}{% endif %}")
+
+
+def synthetic_tokenizer(n_ids=151643):
+    """A word-level tokenizer of n_ids ids: the specials, the judge's words, then "w<id>".
+    Text round-trips ("w7 w9" -> [7, 9] -> "w7 w9"); unknown words become <|endoftext|>."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), n_ids)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def words(tok, rng, n):
+    """n random words of the synthetic vocabulary: "w4711 w815 ..."."""
+    return " ".join(f"w{rng.randrange(len(SPECIALS) + len(WORDS), len(tok))}" for _ in range(n))
+
+
+def random_model(name, tok, args, seed, judge=False):
+    """Random weights from a published config (sizes overridden by --hidden-size/--layers)."""
+    cfg = dict(r2r.CONFIGS[name])
+    if args.hidden_size:
+        cfg.update(hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=args.hidden_size // 2)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    if judge:
+        with torch.no_grad():
+            head, verdicts = model.get_output_embeddings().weight, tok.convert_tokens_to_ids(["Output:0", "Output:1"])
+            model.get_input_embeddings().weight[verdicts] = 0  # so what follows a verdict hangs on the prompt
+            # The states that pick a reply's later tokens (after a verdict), over 8 judge prompts: w is the
+            # direction along which they differ most, the rows w and 2(w.m)m/|m|^2 - w split them around
+            # their mean m, and every other row is zero, so each reply is verdicts that change with the prompt.
+            rng = random.Random(seed)
+            h = torch.stack([r2r.forward(model, torch.tensor([r2r.encode_prompt(tok, label.judge_prompt(
+                words(tok, rng, 50), words(tok, rng, 3) + " <<w9>> ", words(tok, rng, 3) + " <<w11>> "),
+                thinking=False) + verdicts[:1]], device=model.device), last=True)[0][0, -1]
+                for _ in range(8)]).float()  # (8, H)
+            m = h.mean(0)
+            w = torch.linalg.svd(h - m, full_matrices=False).Vh[0]
+            w = w if w @ m > 0 else -w  # both verdict logits then sum to 2 w.m > 0, above the zero rows
+            head.zero_()  # (V, H)
+            head[verdicts[0]], head[verdicts[1]] = w, 2 * (w @ m) * m / (m @ m) - w
+    # What a hub model ships (Qwen3: sampling at 0.6 / top-k 20 / top-p 0.95; Qwen2.5: a
+    # repetition penalty): the scripts' greedy paths must ignore all of it.
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=True,
+                                               temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.1,
+                                               no_repeat_ngram_size=3)
+    return model
+
+
+def build(args):
+    """Tokenizer, prompts and the three models in --work; kept if already there."""
+    if os.path.exists(os.path.join(args.work, "judge", "config.json")):
+        print(f"reusing the models in {args.work}")
+        return
+    tok = synthetic_tokenizer(args.vocab_size)
+    rng = random.Random(0)
+    with open(os.path.join(args.work, "prompts.jsonl"), "w") as f:
+        for _ in range(args.n_prompts):
+            f.write(json.dumps({"prompt": words(tok, rng, args.prompt_len), "answer": "0"}) + "\n")
+    for seed, (role, name) in enumerate((("slm", args.slm), ("llm", args.llm), ("judge", args.judge))):
+        t = time.perf_counter()
+        model = random_model(name, tok, args, seed, judge=role == "judge")
+        model.save_pretrained(os.path.join(args.work, role))
+        tok.save_pretrained(os.path.join(args.work, role))
+        print(f"built {role}: {name}, {r2r.n_params(model) / 1e9:.2f}B parameters, {time.perf_counter() - t:.0f}s")
+        del model
+
+
+def timed_step(name, main, argv, device):
+    """Run one script's main() in this process; print its time and peak memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    main(argv)
+    seconds, gib = time.perf_counter() - t, label.peak_memory_gib(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, process peak RSS"
+    print(f"== {name}: {seconds:.1f}s, peak memory {gib:.2f} GiB ({where})", flush=True)
+    return seconds, gib
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=None, help="folder for models, labels and router (default: a new temp folder); "
+                   "rerun with the same one to skip what is built")
+    p.add_argument("--steps", default="label,train,generate,evaluate", help="comma-separated steps to run")
+    # sizes
+    p.add_argument("--slm", default="qwen3-0.6b", choices=list(r2r.CONFIGS), help="published config of the SLM")
+    p.add_argument("--llm", default="qwen3-8b", choices=list(r2r.CONFIGS), help="published config of the LLM")
+    untied = [k for k, c in r2r.CONFIGS.items() if not c["tie_word_embeddings"]]
+    p.add_argument("--judge", default="qwen3-14b", choices=untied,
+                   help="published config of the judge, one with its own lm_head (the README's recipe: a 14B judge)")
+    p.add_argument("--vocab-size", type=int, default=151643, help="tokenizer ids (Qwen3: 151,643)")
+    p.add_argument("--hidden-size", type=int, default=None, help="shrink every model to this width (tests)")
+    p.add_argument("--layers", type=int, default=None, help="shrink every model to this many layers (tests)")
+    p.add_argument("--router-width", type=int, default=1024, help="router MLP width (paper: 1024)")
+    p.add_argument("--router-blocks", type=int, default=6, help="router blocks (paper: 6)")
+    # work
+    p.add_argument("--n-prompts", type=int, default=2, help="prompts (at least 2: train_router holds one out)")
+    p.add_argument("--prompt-len", type=int, default=200, help="words per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="response length of every step")
+    p.add_argument("--judge-span", type=int, default=8, help="label.py --judge-span")
+    p.add_argument("--branch-tokens", type=int, default=65536, help="label.py --branch-tokens")
+    p.add_argument("--judge-batch-size", type=int, default=32, help="label.py --judge-batch-size")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.n_prompts < 2:
+        raise r2r.R2RError("--n-prompts must be at least 2: train_router.py holds out a prompt for validation")
+    args.work = args.work or tempfile.mkdtemp(prefix="r2r-rehearsal-")
+    os.makedirs(args.work, exist_ok=True)
+    device, w = torch.device(args.device), args.work
+    build(args)
+    pair = ["--slm", f"{w}/slm", "--llm", f"{w}/llm", "--device", args.device, "--dtype", args.dtype]
+    n = ["--max-new-tokens", str(args.max_new_tokens)]
+    steps = {
+        "label": (label.main, pair + n + ["--verifier", f"{w}/judge", "--prompts", f"{w}/prompts.jsonl",
+                                          "--keep-unfinished", "--judge-span", str(args.judge_span),
+                                          "--batch-size", str(args.n_prompts), "--out", f"{w}/labels",
+                                          "--branch-tokens", str(args.branch_tokens),
+                                          "--judge-batch-size", str(args.judge_batch_size)]),
+        "train": (train_router.main, ["--labels", f"{w}/labels", "--out", f"{w}/router", "--device", args.device,
+                                      "--width", str(args.router_width), "--blocks", str(args.router_blocks),
+                                      "--lr", "5e-5", "--epochs", "5", "--val-fraction", "0.5"]),
+        "generate": (generate.main, pair + n + ["--router", f"{w}/router", "--prompts-file", f"{w}/prompts.jsonl",
+                                                "--json"]),
+        "evaluate": (evaluate.main, pair + n + ["--router", f"{w}/router", "--prompts", f"{w}/prompts.jsonl",
+                                                "--thresholds"]),
+    }
+    wanted = args.steps.split(",")
+    if set(wanted) - set(steps):
+        raise r2r.R2RError(f"--steps takes {', '.join(steps)}, not {args.steps}")
+    results = {name: timed_step(name, *steps[name], device) for name in steps if name in wanted}
+    print(f"\nrehearsal in {w}: {args.slm} + {args.llm}, judge {args.judge}, {args.n_prompts} prompts x "
+          f"{args.max_new_tokens} new tokens, {args.dtype} on {args.device}")
+    for name, (seconds, gib) in results.items():
+        print(f"  {name:9s} {seconds:8.1f}s  peak {gib:6.2f} GiB")
+    return results
+
+
+if __name__ == "__main__":
+    r2r.run_main(main)
