@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples (SLM and LLM alike)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling: prompt i draws from its own seed + i")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded at once (r2r.decode_batch); "
+                   "the tokens are the same at every batch size")
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     args = p.parse_args(argv)
@@ -43,6 +45,8 @@ def parse_args(argv=None):
         raise r2r.R2RError(f"--threshold {args.threshold} is outside [0, 1]")
     if args.max_new_tokens < 1:
         raise r2r.R2RError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise r2r.R2RError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise r2r.R2RError("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
@@ -72,6 +76,20 @@ def summarize(trace, p_slm, p_llm):
                 activated_params=r2r.activated_params(trace, p_slm, p_llm))
 
 
+def decode_in_batches(slm, llm, router, ids, vocab_size, args):
+    """Each prompt's trace, in order, --batch-size prompts at a time. Prompt i samples from
+    its own generator (seed + i), so its tokens do not depend on the batch it is in."""
+    gens = [torch.Generator(device=llm.device).manual_seed(args.seed + i) for i in range(len(ids))]
+    kw = dict(vocab_size=vocab_size, max_new_tokens=args.max_new_tokens, mode=args.mode, threshold=args.threshold,
+              temperature=args.temperature, top_p=args.top_p)
+    B = args.batch_size
+    for i in range(0, len(ids), B):
+        if B == 1:  # the reading path
+            yield r2r.decode(slm, llm, router, ids[i], generator=gens[i], **kw)
+        else:
+            yield from r2r.decode_batch(slm, llm, router, ids[i:i + B], generators=gens[i:i + B], **kw).traces
+
+
 def main(argv=None):
     args = parse_args(argv)
     prompts = list(args.prompt)
@@ -83,12 +101,8 @@ def main(argv=None):
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in prompts:
-        ids = r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template)
-        trace = r2r.decode(slm, llm, router, ids, vocab_size=len(tok), max_new_tokens=args.max_new_tokens,
-                           mode=args.mode, threshold=args.threshold, temperature=args.temperature,
-                           top_p=args.top_p, generator=generator)
+    ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
+    for prompt, trace in zip(prompts, decode_in_batches(slm, llm, router, ids, len(tok), args)):
         s = summarize(trace, p_slm, p_llm)
         if args.json:
             text = tok.decode(trace.tokens, skip_special_tokens=True)

@@ -1,12 +1,14 @@
 """Batched mixed decoding (r2r.decode_batch) against independent oracles: each row's own
 batch-1 decode, model.generate row by row, a full recompute without a cache, and the
 caches' own lengths."""
+import json
 import os
 
 import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+import generate
 import r2r
 from conftest import ROOT
 from test_generate import SignRouter
@@ -132,3 +134,20 @@ def test_demo_pair_rows_equal_batch1(demo_pair):
     assert sum(sum(t.from_llm) for t in want) > 0
     for w, g in zip(want, got):
         assert (g.tokens, g.from_llm, g.catch_up) == (w.tokens, w.from_llm, w.catch_up)
+
+# ----------------------------------------------------------------------------- the scripts
+
+
+@pytest.mark.parametrize("temperature", ["0", "1.0"])
+def test_generate_batch_size_gives_the_batch1_output(capsys, temperature):
+    argv = ["--mode", "r2r", "--threshold", "0.3", "--json", "--temperature", temperature, "--max-new-tokens", "40"]
+    for p in ("4837+2956", "12+345", "90+9"):
+        argv += ["--prompt", p]
+
+    def rows(batch_size):
+        generate.main(argv + ["--batch-size", batch_size])
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        return [(r["prompt"], r["token_ids"], r["from_llm"]) for r in lines]
+
+    one = rows("1")
+    assert len(one) == 3 and one == rows("2") == rows("3")
