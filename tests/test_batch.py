@@ -1,6 +1,7 @@
 """Batched mixed decoding (r2r.decode_batch) against independent oracles: each row's own
 batch-1 decode, model.generate row by row, a full recompute without a cache, and the
 caches' own lengths."""
+import argparse
 import json
 import os
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+import bench
+import evaluate
 import generate
 import r2r
 from conftest import ROOT
@@ -151,3 +154,39 @@ def test_generate_batch_size_gives_the_batch1_output(capsys, temperature):
 
     one = rows("1")
     assert len(one) == 3 and one == rows("2") == rows("3")
+
+
+def test_evaluate_decode_all_is_the_same_at_every_batch_size(demo_pair):
+    slm, llm, tok = demo_pair
+    router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
+    prompts = [r2r.encode_prompt(tok, r["prompt"]) for r in r2r.read_prompts(os.path.join(ROOT, "demo", "test.jsonl"),
+                                                                                limit=6)]
+    runs = [evaluate.decode_all(slm, llm, router, tok, prompts, argparse.Namespace(batch_size=b, max_new_tokens=60),
+                                "test", threshold=0.3) for b in (1, 3)]
+    assert [(t.tokens, t.from_llm) for t in runs[0]] == [(t.tokens, t.from_llm) for t in runs[1]]
+    assert len({len(p) for p in prompts}) > 1 and sum(sum(t.from_llm) for t in runs[0]) > 0
+
+
+def test_bench_batch_table(demo_pair, capsys):
+    slm, llm, tok = demo_pair
+    bench.main(["--batch-sizes", "1", "2", "--n-prompts", "3", "--max-new-tokens", "20"])
+    out = capsys.readouterr().out
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "share" not in line]
+    assert [int(row[0]) for row in table] == [1, 2]
+    # Oracle for the share: batch-1 decodes of the same 4 prompts (3, rounded up to a multiple of 2).
+    router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
+    traces = [r2r.decode(slm, llm, router, r2r.encode_prompt(tok, r["prompt"]), vocab_size=len(tok), max_new_tokens=20)
+              for r in r2r.read_prompts(os.path.join(ROOT, "demo", "test.jsonl"), limit=4)]
+    share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
+    assert share > 0 and all(row[4].strip() == f"{share:.1%}" for row in table)
+    assert table[0][5] == table[0][4]  # at B = 1 a step calls the LLM exactly when its token is routed
+    assert float(table[1][5].strip(" %")) >= float(table[1][4].strip(" %"))
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(r2r.R2RError, match="batch-size"):
+        generate.parse_args(["--prompt", PROMPTS[0], "--batch-size", "0"])
+    with pytest.raises(r2r.R2RError, match="batch-size"):
+        evaluate.main(["--batch-size", "0"])
+    with pytest.raises(r2r.R2RError, match="batch sizes"):
+        bench.main(["--batch-sizes", "2", "0"])
