@@ -261,26 +261,26 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
     """`decode` for B prompts at once: the same steps 1.-4. with a batch dimension.
 
     Each live row commits one token per step, so all rows have equally many tokens since
-    the LLM's last call, and ONE catch-up pass (B, gap) serves the whole batch when any row
-    is routed: routed rows take the LLM's token, the others keep the SLM's. So a step calls
-    the LLM when any row routes, 1-(1-s)^B of the steps at a routing share s. Prompts are
-    left-padded to T columns: the mask hides the padding and the positions count each row's
-    own tokens (as in label.py's continue_branches). Cache invariant after step n, in
-    columns: the SLM cache holds T + n - 1, the LLM cache T + n up to its last call. A row
-    that ends leaves the batch and both caches at once, so the others stop paying for it.
-    Row b samples from generators[b] in `decode`'s order, so it equals `decode` with that
-    generator (with one shared generator each row's draws would depend on the others). A
-    row's catch_up counts as `decode` counts (since that row's own last LLM call) and its
-    seconds run to its last step. `check(slm_cache, llm_cache, mask, live, traces)`: tests.
+    the LLM's last call, and when any row is routed ONE catch-up pass (B, gap) serves the
+    batch: routed rows take the LLM's token, the others keep the SLM's. At a routing share
+    s a step calls the LLM with probability 1-(1-s)^B. Prompts are left-padded to T columns;
+    the mask hides the padding and positions count each row's own tokens (as label.py's
+    continue_branches). Cache invariant after step n, in columns of the live rows: the SLM
+    cache holds T + n - 1, the LLM cache those up to its last call. Row b samples from
+    generators[b] in `decode`'s order, so it equals `decode` with that generator (with one
+    shared generator each row's draws would depend on the others). A row's Trace counts
+    catch-ups as `decode` does and its seconds run to its last step.
+    `check(slm_cache, llm_cache, mask, live, traces)` is called after each step (tests).
     """
     V = vocab_size
     threshold = router.threshold if threshold is None and router is not None else threshold
     eos = eos_ids(slm, llm) if eos is None else eos
-    B, T, dev = len(prompts), max(map(len, prompts)), llm.device
+    T, dev = max(map(len, prompts)), llm.device
     ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=dev)  # (B, T), left-padded
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
     slm_cache, llm_cache, batch = DynamicCache(), DynamicCache(), BatchTrace([Trace() for _ in prompts])
-    gens, live, last_call = generators or [None] * B, list(range(B)), [0] * B  # last_call: n at a row's last call
+    gens, live = generators or [None] * len(prompts), list(range(len(prompts)))  # live: rows still decoding
+    last_call = [0] * len(prompts)  # new tokens at each row's last LLM call
     t0 = time.perf_counter()
     for n in range(max_new_tokens):
         pos = mask.cumsum(-1) - 1  # (b, T + n): each token's index in its own row
@@ -301,7 +301,7 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
             for i, token in zip(rows, pick_rows(logits[rows, :V], temperature, top_p, [gens[live[i]] for i in rows])):
                 batch.traces[live[i]].catch_up.append(n - last_call[live[i]])
                 last_call[live[i]], tokens[i] = n, token
-        # 4. Commit; the rows that end leave the batch and both caches.
+        # 4. Commit. A row that ends leaves the batch and both caches, so the rest stop paying for it.
         ids = torch.cat([ids, torch.tensor(tokens, device=dev)[:, None]], dim=1)  # (b, T + n + 1)
         mask = F.pad(mask, (0, 1), value=1)
         batch.steps, now = n + 1, time.perf_counter() - t0
