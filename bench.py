@@ -120,6 +120,9 @@ def batch_table(slm, llm, router, prompts, args, **kw):
         called = sum(len(run.calls) for run in runs) / sum(run.steps for run in runs)
         print(f"| {B} | {speed['slm']:.0f} | {speed['llm']:.0f} | {speed['r2r']:.0f} | {s:.1%} | {called:.1%} "
               f"| {1 - (1 - s) ** B:.1%} | {speed['r2r'] / speed['llm']:.2f}x |")
+    if slm.device.type == "cuda":
+        gib = torch.cuda.max_memory_allocated(slm.device) / 2**30
+        print(f"{torch.cuda.get_device_name(slm.device)}: peak memory {gib:.1f} GiB")
 
 
 def main(argv=None):
