@@ -106,7 +106,7 @@ def batch_table(slm, llm, router, prompts, args, **kw):
     """The batch-size curve: for each B, tokens per second of every mode over the same
     prompts, B at a time, and the share of R2R's steps that called the LLM."""
     print("| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
-          "| 1-(1-s)^B | R2R / LLM only |\n|---|---|---|---|---|---|---|---|")
+          "| 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n|---|---|---|---|---|---|---|---|---|")
     for B in args.batch_sizes:
         speed = {}
         for mode in ("slm", "llm", "r2r"):
@@ -117,9 +117,12 @@ def batch_table(slm, llm, router, prompts, args, **kw):
             n = sum(len(t.tokens) for t in traces)
             speed[mode] = n / sum(run.seconds for run in runs)
         s = sum(sum(t.from_llm) for t in traces) / n  # R2R's, the last mode run
-        called = sum(len(run.calls) for run in runs) / sum(run.steps for run in runs)
-        print(f"| {B} | {speed['slm']:.0f} | {speed['llm']:.0f} | {speed['r2r']:.0f} | {s:.1%} | {called:.1%} "
-              f"| {1 - (1 - s) ** B:.1%} | {speed['r2r'] / speed['llm']:.2f}x |")
+        steps = sum(run.steps for run in runs)
+        # The formula at each step's own batch: rows that reached EOS have left it.
+        live = [sum(len(t.tokens) > i for t in run.traces) for run in runs for i in range(run.steps)]
+        print(f"| {B} | {speed['slm']:.0f} | {speed['llm']:.0f} | {speed['r2r']:.0f} | {s:.1%} "
+              f"| {sum(len(run.calls) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
+              f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | {speed['r2r'] / speed['llm']:.2f}x |")
     if slm.device.type == "cuda":
         gib = torch.cuda.max_memory_allocated(slm.device) / 2**30
         print(f"{torch.cuda.get_device_name(slm.device)}: peak memory {gib:.1f} GiB")
