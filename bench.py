@@ -4,6 +4,7 @@ own parts allow.
 
     python bench.py                                   # the demo pair (or --slm/--llm/--router)
     python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
+    python bench.py --batch-sizes 1 2 4 8 16          # R2R against LLM only as the batch grows
 
 For each of SLM only, LLM only and R2R it decodes the same prompts and reports ms per new
 token. The ideal R2R time is built from parts measured on their own: an SLM step and a
@@ -12,6 +13,9 @@ it really had. measured / ideal near 1 means the loop adds little beyond the mod
 With --pair NAME the models are randomly initialised from published configs, and a random
 router sends --share of the tokens to the LLM (the paper's R1-1.5B + R1-32B: about 13%).
 Warm-up runs first; on a GPU every clock is read after a synchronize.
+With --batch-sizes it prints instead, for each batch size B, the tokens per second of SLM only,
+LLM only and R2R (r2r.decode_batch for all three), and how many steps called the LLM: a
+batch calls it when any of its rows is routed, 1-(1-s)^B of the steps at an LLM share s.
 """
 import argparse
 import time
@@ -86,6 +90,32 @@ def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
     return n * (slm_s + router_s) + sum(llm_s[g] for g in gaps) + first_calls * prefill_s, slm_s, router_s
 
 
+def batch_table(slm, llm, router, prompts, args, **kw):
+    """The batch-size curve: for each B, tokens per second of every mode over the same
+    prompts, B at a time, and the share of R2R's steps that called the LLM."""
+    print("| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
+          "| 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n|---|---|---|---|---|---|---|---|---|")
+    for B in args.batch_sizes:
+        speed = {}
+        for mode in ("slm", "llm", "r2r"):
+            r2r.decode_batch(slm, llm, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)  # warm-up
+            runs = [r2r.decode_batch(slm, llm, router, prompts[i:i + B], max_new_tokens=args.max_new_tokens,
+                                     mode=mode, **kw) for i in range(0, len(prompts), B)]
+            traces = [t for run in runs for t in run.traces]
+            n = sum(len(t.tokens) for t in traces)
+            speed[mode] = n / sum(run.seconds for run in runs)
+        s = sum(sum(t.from_llm) for t in traces) / n  # R2R's, the last mode run
+        steps = sum(run.steps for run in runs)
+        # The formula at each step's own batch: rows that reached EOS have left it.
+        live = [sum(len(t.tokens) > i for t in run.traces) for run in runs for i in range(run.steps)]
+        print(f"| {B} | {speed['slm']:.0f} | {speed['llm']:.0f} | {speed['r2r']:.0f} | {s:.1%} "
+              f"| {sum(len(run.calls) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
+              f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | {speed['r2r'] / speed['llm']:.2f}x |")
+    if slm.device.type == "cuda":
+        gib = torch.cuda.max_memory_allocated(slm.device) / 2**30
+        print(f"{torch.cuda.get_device_name(slm.device)}: peak memory {gib:.1f} GiB")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r2r.add_common_args(p, prompts="test.jsonl", split="test")
@@ -97,9 +127,13 @@ def main(argv=None):
                    "exactly this many, no EOS)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
     p.add_argument("--reps", type=int, default=20, help="repetitions when timing each part")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="print the batch-size table instead "
+                   "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)")
     args = p.parse_args(argv)
-    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.reps) < 1:
-        raise r2r.R2RError("--share must lie in [0, 1]; counts must be at least 1")
+    sizes = args.batch_sizes or [1]
+    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.reps, *sizes) < 1:
+        raise r2r.R2RError("--share must lie in [0, 1]; counts and batch sizes must be at least 1")
+    args.n_prompts = -(-args.n_prompts // max(sizes)) * max(sizes)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
@@ -114,8 +148,11 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
         eos = set()  # random weights: decode exactly --max-new-tokens
+    batch = "batch sizes " + " ".join(map(str, sizes)) if args.batch_sizes else "batch size 1"
     print(f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
-          f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, batch size 1")
+          f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, {batch}")
+    if args.batch_sizes:
+        return batch_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos)
 
     def run(mode):
         kw = dict(vocab_size=vocab, mode=mode, eos=eos, generator=gen)

@@ -52,24 +52,21 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
                 flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
 
 
-def greedy_all(model, is_llm, tok, rows, args, eos):
-    """Single-model rows, batched: r2r.greedy_batch follows decode's rule (raw argmax, the
-    pair's EOS ids), so it gives `--mode slm/llm`'s texts (tests/test_real_sizes.py), far faster."""
-    traces = []
-    for i in tqdm(range(0, len(rows), args.batch_size), desc="greedy", leave=False):
-        for _, response, _ in r2r.greedy_batch(model, tok, [r["prompt"] for r in rows[i:i + args.batch_size]],
-                                               args.max_new_tokens, not args.no_chat_template, eos=eos):
-            traces.append(r2r.Trace(tokens=response, from_llm=[int(is_llm)] * len(response)))
-    return traces
-
-
 def decode_all(slm, llm, router, tok, prompts, args, bar, **kw):
-    """r2r.decode on every prompt, one at a time; `bar` counts the prompts."""
-    traces = []
-    for p in prompts:
-        traces.append(r2r.decode(slm, llm, router, p, vocab_size=len(tok), max_new_tokens=args.max_new_tokens, **kw))
-        bar.update()
-    return traces
+    """Decodes of every prompt, --batch-size at a time (r2r.decode_batch; each row equals
+    its own batch-1 decode, tests/test_batch.py); `bar` counts the prompts. A batch takes
+    prompts of similar length, which on the demo task means responses of similar length, so
+    it ends soon after most of its rows."""
+    kw.update(vocab_size=len(tok), max_new_tokens=args.max_new_tokens)
+    order, traces = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), {}
+    for i in range(0, len(order), args.batch_size):
+        rows = order[i:i + args.batch_size]
+        if len(rows) == 1:  # the reading path
+            traces[rows[0]] = r2r.decode(slm, llm, router, prompts[rows[0]], **kw)
+        else:
+            traces.update(zip(rows, r2r.decode_batch(slm, llm, router, [prompts[b] for b in rows], **kw).traces))
+        bar.update(len(rows))
+    return [traces[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()
@@ -99,8 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together: 16 fits Qwen3-0.6B + 8B "
-                   "at 4K tokens on one 80 GB GPU; lower it for larger pairs or if you run out of memory")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together in every row (1: one by "
+                   "one with r2r.decode; the table is the same); 16 fits Qwen3-0.6B + 8B at 4K tokens on one 80 GB "
+                   "GPU: lower it for larger pairs or if you run out of memory")
     p.add_argument("--out", default=None, help="write every row to this .json or .csv file")
     p.add_argument("--plot", default=None, help="draw accuracy against LLM share into this image (.png, .pdf, "
                    ".svg); needs matplotlib")
@@ -134,9 +132,9 @@ def evaluate(args):
                   f"identical to LLM {result['identical']:6.1%}")
         return result
 
-    eos = r2r.eos_ids(slm, llm)
-    slm_traces, llm_traces = greedy_all(slm, False, tok, rows, args, eos), greedy_all(llm, True, tok, rows, args, eos)
-    bar.update(2 * len(rows))
+    # Single-model rows through the same loop in a forced mode: one decoding rule for every row.
+    slm_traces = decode_all(slm, llm, None, tok, prompts, args, bar, mode="slm")
+    llm_traces = decode_all(slm, llm, None, tok, prompts, args, bar, mode="llm")
     results = [row("SLM only", None, slm_traces), row("LLM only", None, llm_traces)]
     scores = slm_step_scores(slm, tok, prompts, slm_traces, router.config["top_k"])
     for t in thresholds:

@@ -40,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples (SLM and LLM alike)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling: prompt i draws from its own seed + i")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded at once (r2r.decode_batch); "
+                   "the tokens are the same at every batch size")
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     args = p.parse_args(argv)
@@ -48,6 +50,8 @@ def parse_args(argv=None):
         raise r2r.R2RError(f"--threshold {args.threshold} is outside [0, 1]")
     if args.max_new_tokens < 1:
         raise r2r.R2RError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise r2r.R2RError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise r2r.R2RError("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
@@ -134,6 +138,33 @@ def summarize(trace, p_slm, p_llm):
                 activated_params=r2r.activated_params(trace, p_slm, p_llm))
 
 
+def decode_chunk(slm, llm, router, ids, gens, vocab_size, args, stream=None):
+    """The traces of a few prompts decoded together (r2r.decode_batch), or of one prompt by
+    the reading path, r2r.decode, which can stream. Prompt i samples from its own generator
+    gens[i], so its tokens do not depend on the batch it is in."""
+    kw = dict(vocab_size=vocab_size, max_new_tokens=args.max_new_tokens, mode=args.mode, threshold=args.threshold,
+              temperature=args.temperature, top_p=args.top_p)
+    if len(ids) == 1:
+        return [r2r.decode(slm, llm, router, ids[0], generator=gens[0], on_step=stream, **kw)]
+    return r2r.decode_batch(slm, llm, router, ids, generators=gens, **kw).traces
+
+
+def show(prompt, trace, tok, s, args, stream):
+    """One response: a JSON line, or its text (already streamed, or rendered now) and a summary."""
+    if args.json:
+        text = tok.decode(trace.tokens, skip_special_tokens=True)
+        print(json.dumps(dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)))
+        return
+    if stream is not None:
+        stream.flush(trace, len(trace.tokens))
+        print()
+    else:
+        print(render(tok, trace, colour=False))
+    print(f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
+          f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
+          f"avg activated params {s['activated_params'] / 1e6:.3g}M")
+
+
 def main(argv=None):
     args = parse_args(argv)
     prompts = list(args.prompt)
@@ -145,30 +176,20 @@ def main(argv=None):
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    live = sys.stdout.isatty() and not args.json  # stream to a terminal; files and pipes get whole lines
-    for prompt in prompts:
-        ids = r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template)
-        note = demo_note(args, prompt)
-        if note:
-            print(note, file=sys.stderr)
+    ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
+    gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(ids))]
+    live = sys.stdout.isatty() and not args.json and args.batch_size == 1  # stream to a terminal, one prompt at a time
+    for first in range(0, len(prompts), args.batch_size):
+        chunk = range(first, min(first + args.batch_size, len(prompts)))
+        for i in chunk:
+            note = demo_note(args, prompts[i])
+            if note:
+                print(note, file=sys.stderr)
         stream = Stream(tok) if live else None
-        trace = r2r.decode(slm, llm, router, ids, vocab_size=len(tok), max_new_tokens=args.max_new_tokens,
-                           mode=args.mode, threshold=args.threshold, temperature=args.temperature,
-                           top_p=args.top_p, generator=generator, on_step=stream)
-        s = summarize(trace, p_slm, p_llm)
-        if args.json:
-            text = tok.decode(trace.tokens, skip_special_tokens=True)
-            print(json.dumps(dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)))
-            continue
-        if live:
-            stream.flush(trace, len(trace.tokens))
-            print()
-        else:
-            print(render(tok, trace, colour=False))
-        print(f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
-              f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
-              f"avg activated params {s['activated_params'] / 1e6:.3g}M")
+        traces = decode_chunk(slm, llm, router, [ids[i] for i in chunk], [gens[i] for i in chunk], len(tok), args,
+                              stream)
+        for i, trace in zip(chunk, traces):
+            show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
 
 
 if __name__ == "__main__":

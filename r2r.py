@@ -181,25 +181,32 @@ class Trace:
     seconds: float = 0.0
 
 
-def slm_step(slm, fresh, cache, V):
-    """Phase 1: the SLM reads the tokens it has not seen yet (the prompt, or the last
-    committed token). Returns its last hidden state (1, H) and logits (1, V)."""
-    hidden, logits = forward(slm, torch.tensor([fresh], device=slm.device), cache, last=True)
-    return hidden[0, -1:], logits[0, -1:, :V]
+def slm_step(slm, fresh, cache, V, **kw):
+    """Phase 1: the SLM reads the tokens it has not seen yet, `fresh` (B, T): the prompts,
+    or the last committed tokens (`kw`: mask and positions of a padded batch). Returns its
+    last hidden states (B, H) and logits (B, V)."""
+    hidden, logits = forward(slm, fresh, cache, last=True, **kw)
+    return hidden[:, -1], logits[:, -1, :V]
 
 
-def route(router, slm, hidden, logits, token, threshold):
-    """Phase 2: does the router send this candidate to the LLM? It decides before any
-    cache has seen the token, which is why R2R never rolls back."""
-    feats = router_inputs(slm, hidden, logits, torch.tensor([token], device=slm.device), router.config["top_k"])
-    return torch.sigmoid(router(*feats)).item() >= threshold
+def route(router, slm, hidden, logits, tokens, threshold):
+    """Phase 2: which of the candidates `tokens` (B ints) does the router send to the LLM?
+    B bools. It decides before any cache has seen the token, which is why R2R never rolls back."""
+    feats = router_inputs(slm, hidden, logits, torch.tensor(tokens, device=slm.device), router.config["top_k"])
+    return [score >= threshold for score in torch.sigmoid(router(*feats)).tolist()]
 
 
-def catch_up(llm, pending, cache):
+def catch_up(llm, pending, cache, **kw):
     """Phase 3, R2R's batched catch-up (R2R Stage 3): ONE LLM pass over every token
-    committed since its last call. Returns the LLM's next-token logits (V,)."""
-    ids = torch.tensor([pending], device=llm.device)  # (1, T_gap)
-    return forward(llm, ids, cache, last=True)[1][0, -1]
+    committed since its last call, `pending` (B, T_gap). Returns its next-token logits (B, V)."""
+    return forward(llm, pending, cache, last=True, **kw)[1][:, -1]
+
+
+def pick_rows(logits, temperature, top_p, generators):
+    """`pick` for each row of logits (B, V), row b drawing from generators[b]."""
+    if temperature == 0:
+        return logits.argmax(-1).tolist()  # one device sync for the whole batch
+    return [pick(row, temperature, top_p, g) for row, g in zip(logits, generators)]
 
 
 @torch.no_grad()
@@ -224,14 +231,16 @@ def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2
     for _ in range(max_new_tokens):
         # 1. SLM step and its candidate (the LLM-only mode never runs the SLM).
         if mode != "llm":
-            hidden, logits = slm_step(slm, trace.tokens[-1:] or prompt_ids, slm_cache, V)
+            fresh = torch.tensor([trace.tokens[-1:] or prompt_ids], device=slm.device)  # (1, T)
+            hidden, logits = slm_step(slm, fresh, slm_cache, V)
             token = pick(logits[0], temperature, top_p, generator)
         # 2. Route.
-        routed = route(router, slm, hidden, logits, token, threshold) if mode == "r2r" else mode == "llm"
+        routed = route(router, slm, hidden, logits, [token], threshold)[0] if mode == "r2r" else mode == "llm"
         # 3. LLM catch-up on the gap; its token replaces the candidate.
         if routed:
             trace.catch_up.append(len(pending) - (len(prompt_ids) if llm_cache.get_seq_length() == 0 else 0))
-            token = pick(catch_up(llm, pending, llm_cache)[:V], temperature, top_p, generator)
+            llm_logits = catch_up(llm, torch.tensor([pending], device=llm.device), llm_cache)  # (1, V)
+            token = pick(llm_logits[0, :V], temperature, top_p, generator)
             pending = []
         # 4. Commit.
         trace.tokens.append(token)
@@ -245,6 +254,84 @@ def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2
         torch.cuda.synchronize()
     trace.seconds = time.perf_counter() - t0
     return trace
+
+
+@dataclass
+class BatchTrace:
+    """A batched decode: a Trace per row, its steps, and the gap (new tokens) of each
+    batched LLM call; len(calls) / steps is the share of steps that called the LLM."""
+    traces: list
+    steps: int = 0
+    calls: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode="r2r", threshold=None,
+                 temperature=0.0, top_p=1.0, generators=None, eos=None, on_step=None):
+    """`decode` for B prompts at once: the same steps 1.-4. with a batch dimension.
+
+    Each live row commits one token per step, so all rows have equally many tokens since
+    the LLM's last call, and when any row is routed ONE catch-up pass (B, gap) serves the
+    batch: routed rows take the LLM's token, the others keep the SLM's. At a routing share
+    s a step calls the LLM with probability 1-(1-s)^B. Prompts are left-padded to T columns;
+    the mask hides the padding and positions count each row's own tokens (as label.py's
+    continue_branches). Cache invariant after step n, in columns of the live rows: the SLM
+    cache holds T + n - 1, the LLM cache those up to its last call. Row b samples from
+    generators[b] in `decode`'s order, so it equals `decode` with that generator (with one
+    shared generator each row's draws would depend on the others). A row's Trace counts
+    catch-ups as `decode` does and its seconds run to its last step.
+    `on_step(slm_cache, llm_cache, mask, live, traces)` is called after each step (tests).
+    """
+    V = vocab_size
+    threshold = router.threshold if threshold is None and router is not None else threshold
+    eos = eos_ids(slm, llm) if eos is None else eos
+    T, dev = max(map(len, prompts)), llm.device
+    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=dev)  # (B, T), left-padded
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
+    slm_cache, llm_cache, batch = DynamicCache(), DynamicCache(), BatchTrace([Trace() for _ in prompts])
+    gens, live = generators or [None] * len(prompts), list(range(len(prompts)))  # live: rows still decoding
+    last_call = [0] * len(prompts)  # new tokens at each row's last LLM call
+    t0 = time.perf_counter()
+    for n in range(max_new_tokens):
+        pos = mask.cumsum(-1) - 1  # (b, T + n): each token's index in its own row
+        # 1. SLM step over the columns it has not read: a candidate per live row.
+        tokens = [None] * len(live)
+        if mode != "llm":
+            s = slm_cache.get_seq_length()
+            hidden, logits = slm_step(slm, ids[:, s:], slm_cache, V, attention_mask=mask, position_ids=pos[:, s:])
+            tokens = pick_rows(logits, temperature, top_p, [gens[b] for b in live])
+        # 2. Route each row.
+        routed = route(router, slm, hidden, logits, tokens, threshold) if mode == "r2r" else [mode == "llm"] * len(live)
+        # 3. One LLM catch-up for the whole batch; only the routed rows take its token.
+        if any(routed):
+            s = llm_cache.get_seq_length()
+            batch.calls.append(ids.shape[1] - max(s, T))
+            logits = catch_up(llm, ids[:, s:], llm_cache, attention_mask=mask, position_ids=pos[:, s:])  # (b, V)
+            rows = [i for i, r in enumerate(routed) if r]
+            for i, token in zip(rows, pick_rows(logits[rows, :V], temperature, top_p, [gens[live[i]] for i in rows])):
+                batch.traces[live[i]].catch_up.append(n - last_call[live[i]])
+                last_call[live[i]], tokens[i] = n, token
+        # 4. Commit. A row that ends leaves the batch and both caches, so the rest stop paying for it.
+        ids = torch.cat([ids, torch.tensor(tokens, device=dev)[:, None]], dim=1)  # (b, T + n + 1)
+        mask = F.pad(mask, (0, 1), value=1)
+        batch.steps, now = n + 1, time.perf_counter() - t0
+        for i, b in enumerate(live):
+            batch.traces[b].tokens.append(tokens[i])
+            batch.traces[b].from_llm.append(int(routed[i]))
+            batch.traces[b].seconds = now
+        keep = [i for i, t in enumerate(tokens) if t not in eos]
+        if len(keep) < len(live):
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            ids, mask, live = ids[idx], mask[idx], [live[i] for i in keep]
+            slm_cache.batch_select_indices(idx)
+            llm_cache.batch_select_indices(idx)
+        if on_step is not None:
+            on_step(slm_cache, llm_cache, mask, live, batch.traces)
+        if not live:
+            break
+    batch.seconds = time.perf_counter() - t0
+    return batch
 
 
 def activated_params(trace, p_slm, p_llm):

@@ -58,8 +58,8 @@ def test_catch_up_logits_equal_full_recompute(pair, tok):
     ids = r2r.encode_prompt(tok, PROMPT)
     gap = tok.encode("7 + 6 + 0 = 1 3 , write", add_special_tokens=False)
     cache = DynamicCache()
-    r2r.catch_up(llm, ids, cache)
-    logits = r2r.catch_up(llm, gap, cache)  # one pass over the whole gap
+    r2r.catch_up(llm, torch.tensor([ids]), cache)
+    logits = r2r.catch_up(llm, torch.tensor([gap]), cache)[0]  # one pass over the whole gap
     full = llm(torch.tensor([ids + gap])).logits[0, -1]
     torch.testing.assert_close(logits, full, atol=1e-4, rtol=0)
     assert cache.get_seq_length() == len(ids) + len(gap)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 import evaluate
@@ -82,9 +83,10 @@ def test_label_responses_equal_generate_llm_despite_generation_config(penalised,
 def test_evaluate_single_model_rows_equal_generate_modes(penalised, tok, capsys):
     slm, llm, tok2 = r2r.load_pair(penalised["slm"], penalised["llm"])
     rows = r2r.read_prompts(penalised["prompts"])
-    args = argparse.Namespace(batch_size=2, max_new_tokens=24, no_chat_template=False)
-    for mode, model in (("slm", slm), ("llm", llm)):
-        traces = evaluate.greedy_all(model, mode == "llm", tok2, rows, args, r2r.eos_ids(slm, llm))
+    args = argparse.Namespace(batch_size=2, max_new_tokens=24)
+    prompts = [r2r.encode_prompt(tok2, r["prompt"]) for r in rows]
+    for mode in ("slm", "llm"):
+        traces = evaluate.decode_all(slm, llm, None, tok2, prompts, args, tqdm(disable=True), mode=mode)
         oracle = generate_tokens(["--slm", penalised["slm"], "--llm", penalised["llm"], "--mode", mode,
                                   "--max-new-tokens", "24", "--prompts-file", penalised["prompts"]], capsys)
         assert [t.tokens for t in traces] == oracle, mode
