@@ -31,6 +31,8 @@ def auc(scores, labels):
     _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
     ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based, ties share their mean rank
     n_pos = y.sum().item()
+    if n_pos in (0, len(y)):
+        return float("nan")  # undefined with one class only (a tiny held-out split can have no negatives)
     return ((ranks[y].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
 
 

@@ -157,7 +157,8 @@ def main(argv=None):
     p.add_argument("--router-width", type=int, default=1024, help="router MLP width (paper: 1024)")
     p.add_argument("--router-blocks", type=int, default=6, help="router blocks (paper: 6)")
     # work
-    p.add_argument("--n-prompts", type=int, default=2, help="prompts (at least 2: train_router holds one out)")
+    p.add_argument("--n-prompts", type=int, default=3, help="prompts (at least 3: train_router.py splits train, "
+                   "validation and held-out prompts)")
     p.add_argument("--prompt-len", type=int, default=200, help="words per prompt")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="response length of every step")
     p.add_argument("--judge-span", type=int, default=8, help="label.py --judge-span")
@@ -168,8 +169,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    if args.n_prompts < 2:
-        raise r2r.R2RError("--n-prompts must be at least 2: train_router.py holds out a prompt for validation")
+    if args.n_prompts < 3:
+        raise r2r.R2RError("--n-prompts must be at least 3: train_router.py splits train, validation and held-out "
+                           "prompts")
     args.work = args.work or tempfile.mkdtemp(prefix="r2r-rehearsal-")
     os.makedirs(args.work, exist_ok=True)
     device, w = torch.device(args.device), args.work
@@ -184,7 +186,8 @@ def main(argv=None):
                                           "--judge-batch-size", str(args.judge_batch_size)]),
         "train": (train_router.main, ["--labels", f"{w}/labels", "--out", f"{w}/router", "--device", args.device,
                                       "--width", str(args.router_width), "--blocks", str(args.router_blocks),
-                                      "--lr", "5e-5", "--epochs", "5", "--val-fraction", "0.5"]),
+                                      "--lr", "5e-5", "--epochs", "5", "--val-fraction", "0.3",
+                                      "--test-fraction", "0.3"]),
         "generate": (generate.main, pair + n + ["--router", f"{w}/router", "--prompts-file", f"{w}/prompts.jsonl",
                                                 "--json"]),
         "evaluate": (evaluate.main, pair + n + ["--router", f"{w}/router", "--prompts", f"{w}/prompts.jsonl",
