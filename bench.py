@@ -25,7 +25,23 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import r2r
 
-CONFIGS = r2r.CONFIGS  # published configs, shared with demo/rehearse.py
+# Published configs (the fields that set a model's cost): random weights at real size,
+# here and in demo/rehearse.py.
+QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
+QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0,
+             max_position_embeddings=40960)
+CONFIGS = {
+    "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                    intermediate_size=8960, tie_word_embeddings=False),
+    "r1-32b": dict(QWEN2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                   intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=3072, tie_word_embeddings=True),
+    "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=12288, tie_word_embeddings=False),
+    "qwen3-14b": dict(QWEN3, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
+                      intermediate_size=17408, tie_word_embeddings=False),
+}
 PAIRS = {"r1-1.5b+32b": ("r1-1.5b", "r1-32b"), "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b")}
 
 

@@ -74,10 +74,11 @@ def slm_step_scores(slm, tok, prompts, traces, k):
     """Confidence scores (r2r.confidence_scores) at every step of the SLM's own greedy
     decodes, from one teacher-forced pass each: what the baselines' thresholds are set on."""
     scores = {"entropy": [], "random": []}
+    gen = torch.Generator(device=slm.device).manual_seed(0)  # the random baseline's threshold, the same every run
     for p, t in zip(prompts, traces):
         _, logits = r2r.forward(slm, torch.tensor([p + t.tokens[:-1]], device=slm.device))
         topk = logits[0, len(p) - 1:, :len(tok)].float().topk(k, dim=-1).values  # (n, k)
-        for name, s in r2r.confidence_scores(topk).items():
+        for name, s in r2r.confidence_scores(topk, gen).items():
             if name in scores:
                 scores[name].append(s)
     return {name: torch.cat(s) for name, s in scores.items()}

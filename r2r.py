@@ -294,7 +294,7 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
     last_call = [0] * len(prompts)  # new tokens at each row's last LLM call
     t0 = time.perf_counter()
     for n in range(max_new_tokens):
-        pos = mask.cumsum(-1) - 1  # (b, T + n): each token's index in its own row
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T + n): each token's index in its own row
         # 1. SLM step over the columns it has not read: a candidate per live row.
         tokens = [None] * len(live)
         if mode != "llm":
@@ -342,29 +342,17 @@ def activated_params(trace, p_slm, p_llm):
 
 @torch.no_grad()
 def greedy_batch(model, tok, prompts, max_new_tokens, chat=True, *, eos=None, thinking=None):
-    """Greedy responses to many prompts at once, left-padded: decode's rule, the raw argmax
-    over the tokenizer's ids until an id in `eos` (default: the model's EOS ids). Not
-    model.generate, which applies the model's generation_config (repetition penalty, ...)
-    even to fields a GenerationConfig of ours leaves unset (transformers 5.x). Returns
-    (prompt_ids, response_ids, finished) per prompt; a finished response ends with its EOS."""
-    rows, pad = [encode_prompt(tok, p, chat, thinking=thinking) for p in prompts], pad_id(tok, model)
+    """Greedy responses of one model to many prompts: decode_batch in the LLM-only mode, so
+    the same rule as every other path, the raw argmax over the tokenizer's ids until an id in
+    `eos` (default: the model's EOS ids). Not model.generate, which applies the model's
+    generation_config (repetition penalty, ...) even to fields a GenerationConfig of ours
+    leaves unset (transformers 5.x). Returns (prompt_ids, response_ids, finished) per prompt;
+    a finished response ends with its EOS."""
+    rows = [encode_prompt(tok, p, chat, thinking=thinking) for p in prompts]
     eos = eos_ids(model) if eos is None else eos
-    T = max(map(len, rows))
-    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=model.device)  # (B, T)
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=model.device)  # (B, T)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): padding shifts no real position
-    cache, new, done = DynamicCache(), [[] for _ in rows], [False] * len(rows)
-    for _ in range(max_new_tokens):
-        logits = forward(model, ids, cache, last=True, attention_mask=mask, position_ids=pos)[1]  # (B, 1, V)
-        ids = logits[:, -1, :len(tok)].argmax(-1, keepdim=True).to(model.device)  # (B, 1)
-        for i, t in enumerate(ids[:, 0].tolist()):
-            if not done[i]:
-                new[i].append(t)
-                done[i] = t in eos
-        if all(done):
-            break
-        mask, pos = torch.cat([mask, torch.ones_like(ids)], dim=1), pos[:, -1:] + 1
-    return list(zip(rows, new, done))
+    batch = decode_batch(None, model, None, rows, vocab_size=len(tok), max_new_tokens=max_new_tokens, mode="llm",
+                         eos=eos)
+    return [(r, t.tokens, t.tokens[-1] in eos) for r, t in zip(rows, batch.traces)]
 
 # ----------------------------------------------------------------------------- command line
 
@@ -466,23 +454,6 @@ def pad_id(tok, model):
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
-
-# Published configs (the fields that set a model's cost): random weights at real size.
-QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
-QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0,
-             max_position_embeddings=40960)
-CONFIGS = {
-    "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                    intermediate_size=8960, tie_word_embeddings=False),
-    "r1-32b": dict(QWEN2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                   intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       intermediate_size=3072, tie_word_embeddings=True),
-    "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=12288, tie_word_embeddings=False),
-    "qwen3-14b": dict(QWEN3, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
-                      intermediate_size=17408, tie_word_embeddings=False),
-}
 
 # ----------------------------------------------------------------------------- prompts, answers, labels
 

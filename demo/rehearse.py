@@ -10,7 +10,7 @@ peak memory printed. For a GPU machine; no download.
 It builds in --work: a word-level tokenizer of 151,643 ids (Qwen3's count, made offline,
 decoding to "w123 w456 ..."), a chat template that opens <think> unless enable_thinking is
 false, prompts of random words, and random SLM / LLM / judge models from the published
-configs (r2r.CONFIGS) whose generation configs carry a repetition penalty, a no-repeat
+configs (bench.CONFIGS) whose generation configs carry a repetition penalty, a no-repeat
 n-gram size and Qwen3's sampling defaults, all of which our greedy rule must ignore.
 Random models differ from trained ones in three ways, and the rehearsal says how it copes:
 - They rarely write EOS: label.py runs with --keep-unfinished, so every response is
@@ -38,6 +38,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bench  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
 import label  # noqa: E402
@@ -71,7 +72,7 @@ def words(tok, rng, n):
 
 def random_model(name, tok, args, seed, judge=False):
     """Random weights from a published config (sizes overridden by --hidden-size/--layers)."""
-    cfg = dict(r2r.CONFIGS[name])
+    cfg = dict(bench.CONFIGS[name])
     if args.hidden_size:
         cfg.update(hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size, num_attention_heads=2,
                    num_key_value_heads=1, head_dim=args.hidden_size // 2)
@@ -146,9 +147,9 @@ def main(argv=None):
                    "rerun with the same one to skip what is built")
     p.add_argument("--steps", default="label,train,generate,evaluate", help="comma-separated steps to run")
     # sizes
-    p.add_argument("--slm", default="qwen3-0.6b", choices=list(r2r.CONFIGS), help="published config of the SLM")
-    p.add_argument("--llm", default="qwen3-8b", choices=list(r2r.CONFIGS), help="published config of the LLM")
-    untied = [k for k, c in r2r.CONFIGS.items() if not c["tie_word_embeddings"]]
+    p.add_argument("--slm", default="qwen3-0.6b", choices=list(bench.CONFIGS), help="published config of the SLM")
+    p.add_argument("--llm", default="qwen3-8b", choices=list(bench.CONFIGS), help="published config of the LLM")
+    untied = [k for k, c in bench.CONFIGS.items() if not c["tie_word_embeddings"]]
     p.add_argument("--judge", default="qwen3-14b", choices=untied,
                    help="published config of the judge, one with its own lm_head (the README's recipe: a 14B judge)")
     p.add_argument("--vocab-size", type=int, default=151643, help="tokenizer ids (Qwen3: 151,643)")

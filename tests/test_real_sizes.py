@@ -155,7 +155,8 @@ class ScriptedJudge(torch.nn.Module):
     """A judge whose reply we write: it reads each prompt, and answers "Output: 1" when the
     two marked tokens are different numbers, "Output: 0" otherwise; inside an open <think>
     it rambles with no verdict. It emits one token per call, as a causal LM does (its
-    'hidden state' is the one-hot of the token to emit and lm_head the identity)."""
+    'hidden state' is the one-hot of the token to emit and lm_head the identity), and its
+    cache holds as many (empty) positions as it has read."""
 
     def __init__(self, tok):
         super().__init__()
@@ -170,11 +171,15 @@ class ScriptedJudge(torch.nn.Module):
         return f"Output: {int(a.isdigit() and b.isdigit() and a != b)}"
 
     def base_model(self, input_ids, past_key_values=None, attention_mask=None, **kw):
-        if input_ids.shape[1] > 1:  # a new batch: read each prompt, write its reply
+        fresh = past_key_values.get_seq_length() == 0
+        past_key_values.update(*[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0)  # it keeps count
+        if fresh:  # a new batch: read each prompt, write its reply
             prompts = [self.tok.decode(ids[m.bool()]) for ids, m in zip(input_ids, attention_mask)]
             self.seen += prompts
             self.script = [self.tok.encode(self.reply(p)) + [self.tok.eos_token_id] for p in prompts]
             self.step = 0
+        else:  # r2r.decode_batch drops a row from the batch once it has written its EOS
+            self.script = [s for s in self.script if len(s) > self.step]
         nxt = torch.tensor([s[min(self.step, len(s) - 1)] for s in self.script])
         self.step += 1
         return types.SimpleNamespace(last_hidden_state=F.one_hot(nxt, len(self.tok)).float()[:, None])  # (B, 1, V)
