@@ -54,7 +54,8 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
 
 def decode_all(slm, llm, router, tok, prompts, args, bar, **kw):
     """Decodes of every prompt, --batch-size at a time (r2r.decode_batch; each row equals
-    its own batch-1 decode, tests/test_batch.py); `bar` counts the prompts. A batch takes
+    its own batch-1 decode, tests/test_batch.py, except under the random baseline, whose one
+    generator is drawn in batch order); `bar` counts the prompts. A batch takes
     prompts of similar length, which on the demo task means responses of similar length, so
     it ends soon after most of its rows."""
     kw.update(vocab_size=len(tok), max_new_tokens=args.max_new_tokens)
@@ -76,8 +77,9 @@ def slm_step_scores(slm, tok, prompts, traces, k):
     scores = {"entropy": [], "random": []}
     gen = torch.Generator(device=slm.device).manual_seed(0)  # the random baseline's threshold, the same every run
     for p, t in zip(prompts, traces):
-        _, logits = r2r.forward(slm, torch.tensor([p + t.tokens[:-1]], device=slm.device))
-        topk = logits[0, len(p) - 1:, :len(tok)].float().topk(k, dim=-1).values  # (n, k)
+        hidden = r2r.forward(slm, torch.tensor([p + t.tokens[:-1]]), last=True)[0]  # (1, T, H)
+        logits = slm.get_output_embeddings()(hidden[0, len(p) - 1:])[:, :len(tok)]  # (n, V): response steps only
+        topk = logits.float().topk(k, dim=-1).values  # (n, k)
         for name, s in r2r.confidence_scores(topk, gen).items():
             if name in scores:
                 scores[name].append(s)
@@ -98,8 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together in every row (1: one by "
-                   "one with r2r.decode; the table is the same); 16 fits Qwen3-0.6B + 8B at 4K tokens on one 80 GB "
-                   "GPU: lower it for larger pairs or if you run out of memory")
+                   "one with r2r.decode; the same table but for random routing, whose draws depend on the batch); "
+                   "16 fits Qwen3-0.6B + 8B at 4K tokens on one 80 GB GPU: lower it for larger pairs or if you run "
+                   "out of memory")
     p.add_argument("--out", default=None, help="write every row to this .json or .csv file")
     p.add_argument("--plot", default=None, help="draw accuracy against LLM share into this image (.png, .pdf, "
                    ".svg); needs matplotlib")

@@ -11,7 +11,8 @@ in one batched forward pass. Both KV caches only ever hold committed tokens: no 
 On a terminal each response appears as it is decoded, the LLM's tokens in colour; written
 to a file or a pipe, each response is one line with the LLM's tokens marked [[...]]. Then one
 summary line per prompt; with --json, one JSON object per prompt per line instead.
-The decoding loop itself lives in r2r.decode, where bench.py and evaluate.py use it too.
+The decoding loop itself lives in r2r.decode (r2r.decode_batch for several prompts at once),
+where bench.py and evaluate.py use it too.
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling: prompt i draws from its own seed + i")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded at once (r2r.decode_batch); "
-                   "the tokens are the same at every batch size")
+                   "in fp32 the tokens are the same at every batch size (tests/test_batch.py); streams only at 1")
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     args = p.parse_args(argv)
@@ -112,7 +113,7 @@ class Stream:
 
     def flush(self, trace, end):
         """Write the current run up to token `end` and close it."""
-        text = self.tok.decode(trace.tokens[:end], skip_special_tokens=True)
+        text = self.tok.decode(trace.tokens[:end], skip_special_tokens=True).rstrip("\ufffd")  # a split character
         self.write(text[len(self.printed):], trace.from_llm[self.start])
         self.out.write(COLOUR[1] if self.opened else self.held)
         self.held, self.opened = "", False
@@ -159,7 +160,7 @@ def show(prompt, trace, tok, s, args, stream):
         stream.flush(trace, len(trace.tokens))
         print()
     else:
-        print(render(tok, trace, colour=False))
+        print(render(tok, trace, colour=sys.stdout.isatty()))
     print(f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
           f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
           f"avg activated params {s['activated_params'] / 1e6:.3g}M")

@@ -1,7 +1,8 @@
 """
 r2r.py: everything the R2R scripts share ("Roads to Rome", arXiv 2505.21600).
 
-label.py, train_router.py and generate.py import this module and nothing else of ours.
+label.py, train_router.py, generate.py, evaluate.py and bench.py import this module and
+nothing else of ours.
 Read top to bottom, it is the method first: the model steps and the router's features, the
 router (an MLP) and its baselines, the mixed decoding loop. The plumbing comes last: the
 command line, device and dtype, loading a pair, prompts and the answer rule. It does not
@@ -37,6 +38,7 @@ def forward(model, ids, cache=None, *, last=False, **kw):
     the last position's (B, 1, V) with `last=True`: a prefill or catch-up reads nothing
     else, and T x V logits of a 4K-token prompt would cost gigabytes. The hidden state
     comes from the base model: output_hidden_states=True would keep every layer."""
+    ids, kw = ids.to(model.device), {k: v.to(model.device) for k, v in kw.items()}  # the SLM and LLM may differ
     out = model.base_model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, **kw)
     hidden = out.last_hidden_state  # (B, T, H)
     return hidden, model.get_output_embeddings()(hidden[:, -1:] if last else hidden)
@@ -182,7 +184,7 @@ class Trace:
 
 
 def slm_step(slm, fresh, cache, V, **kw):
-    """Phase 1: the SLM reads the tokens it has not seen yet, `fresh` (B, T): the prompts,
+    """Step 1 of the loop: the SLM reads the tokens it has not seen yet, `fresh` (B, T): the prompts,
     or the last committed tokens (`kw`: mask and positions of a padded batch). Returns its
     last hidden states (B, H) and logits (B, V)."""
     hidden, logits = forward(slm, fresh, cache, last=True, **kw)
@@ -190,14 +192,14 @@ def slm_step(slm, fresh, cache, V, **kw):
 
 
 def route(router, slm, hidden, logits, tokens, threshold):
-    """Phase 2: which of the candidates `tokens` (B ints) does the router send to the LLM?
+    """Step 2: which of the candidates `tokens` (B ints) does the router send to the LLM?
     B bools. It decides before any cache has seen the token, which is why R2R never rolls back."""
     feats = router_inputs(slm, hidden, logits, torch.tensor(tokens, device=slm.device), router.config["top_k"])
     return [score >= threshold for score in torch.sigmoid(router(*feats)).tolist()]
 
 
 def catch_up(llm, pending, cache, **kw):
-    """Phase 3, R2R's batched catch-up (R2R Stage 3): ONE LLM pass over every token
+    """Step 3, R2R's batched catch-up (R2R Stage 3): ONE LLM pass over every token
     committed since its last call, `pending` (B, T_gap). Returns its next-token logits (B, V)."""
     return forward(llm, pending, cache, last=True, **kw)[1][:, -1]
 
@@ -322,7 +324,7 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
             batch.traces[b].seconds = now
         keep = [i for i, t in enumerate(tokens) if t not in eos]
         if len(keep) < len(live):
-            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            idx = torch.tensor(keep)  # on the CPU: it indexes caches on any device (device_map)
             ids, mask, live = ids[idx], mask[idx], [live[i] for i in keep]
             slm_cache.batch_select_indices(idx)
             llm_cache.batch_select_indices(idx)

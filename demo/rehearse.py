@@ -115,6 +115,7 @@ def build(args):
         return
     tok = synthetic_tokenizer(args.vocab_size)
     rng = random.Random(0)
+    text = words(tok, random.Random(1), 5)  # the round-trip check below
     with open(os.path.join(args.work, "prompts.jsonl"), "w") as f:
         for _ in range(args.n_prompts):
             f.write(json.dumps({"prompt": words(tok, rng, args.prompt_len), "answer": "0"}) + "\n")
@@ -123,6 +124,10 @@ def build(args):
         model = random_model(name, tok, args, seed, judge=role == "judge")
         model.save_pretrained(os.path.join(args.work, role))
         tok.save_pretrained(os.path.join(args.work, role))
+        # A qwen2 folder loads Qwen2's tokenizer class over our tokenizer.json (README, transformers 5.x notes).
+        again = r2r.load_tokenizer(os.path.join(args.work, role))
+        if again.decode(again.encode(text, add_special_tokens=False)) != text:
+            raise r2r.R2RError(f"{name}'s folder does not keep the synthetic tokenizer: pick a qwen3 config")
         print(f"built {role}: {name}, {r2r.n_params(model) / 1e9:.2f}B parameters, {time.perf_counter() - t:.0f}s")
         del model
 
