@@ -324,7 +324,7 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
             batch.traces[b].seconds = now
         keep = [i for i, t in enumerate(tokens) if t not in eos]
         if len(keep) < len(live):
-            idx = torch.tensor(keep)  # on the CPU: it indexes caches on any device (device_map)
+            idx = torch.tensor(keep, dtype=torch.long)  # on the CPU: it indexes caches on any device (device_map)
             ids, mask, live = ids[idx], mask[idx], [live[i] for i in keep]
             slm_cache.batch_select_indices(idx)
             llm_cache.batch_select_indices(idx)
