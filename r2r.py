@@ -8,7 +8,9 @@ router (an MLP) and its baselines, the mixed decoding loop. The plumbing comes l
 command line, device and dtype, loading a pair, prompts and the answer rule. It does not
 label, train or print reports; the scripts do.
 """
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -157,7 +159,8 @@ def load_router(path, slm, tok, device="cpu"):
     if not is_folder and (os.path.exists(path) or not HUB_NAME.fullmatch(path)):
         raise R2RError(f"no router at {path}: train one with train_router.py or pass --router")
     try:
-        router = Router.from_pretrained(path, map_location=str(device), strict=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line; stdout may be --json
+            router = Router.from_pretrained(path, map_location=str(device), strict=True)
     except (OSError, TypeError, ValueError, RuntimeError) as e:  # hub errors are OSErrors
         raise R2RError(f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
                        "train_router.py or a hub name")
