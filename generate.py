@@ -8,8 +8,9 @@ in one batched forward pass. Both KV caches only ever hold committed tokens: no 
     python generate.py --slm Qwen/Qwen2.5-0.5B-Instruct --llm Qwen/Qwen2.5-7B-Instruct \\
         --router router/ --prompts-file prompts.jsonl --json
 
-On a terminal each response appears as it is decoded, the LLM's tokens in colour; written
-to a file or a pipe, each response is one line with the LLM's tokens marked [[...]]. Then one
+On a terminal each response appears as it is decoded (at --batch-size 1; larger batches print
+whole responses), the LLM's tokens in colour; written to a file or a pipe, each response is
+one line with the LLM's tokens marked [[...]]. Then one
 summary line per prompt; with --json, one JSON object per prompt per line instead.
 The decoding loop itself lives in r2r.decode (r2r.decode_batch for several prompts at once),
 where bench.py and evaluate.py use it too.
