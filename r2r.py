@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
 HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "owner/name" or "name" on the HuggingFace Hub
 
+
 class R2RError(Exception):
     """Bad input: the scripts print its message as one line and exit with status 1."""
 
