@@ -87,7 +87,7 @@ def slm_positions(slm, tok, seqs, starts, k):
     hidden states only; lm_head runs over slices of SLICE_LOGITS // V positions, so memory
     does not grow with responses x vocabulary (B x T x V logits: 83 GB at 64 x 4.3K x 152K)."""
     ids, mask = pad_right(seqs, r2r.pad_id(tok, slm), slm.device)
-    hidden = r2r.forward(slm, ids, None, last=True, attention_mask=mask)[0]  # (B, T, H)
+    hidden = r2r.forward(slm, ids, None, last=True, attention_mask=mask)[0]  # (B, T, H); logits in slices below
     step, out = max(1, SLICE_LOGITS // len(tok)), []
     for i, (s, p) in enumerate(zip(seqs, starts)):
         parts = []

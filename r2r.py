@@ -156,8 +156,7 @@ def save_router(router, folder):
 
 def load_router(path, slm, tok, device="cpu"):
     """Router.from_pretrained (a folder or a hub name), checked against this SLM."""
-    is_folder = os.path.isfile(os.path.join(path, "config.json"))
-    if not is_folder and (os.path.exists(path) or not HUB_NAME.fullmatch(path)):
+    if not os.path.isfile(os.path.join(path, "config.json")) and (os.path.exists(path) or not HUB_NAME.fullmatch(path)):
         raise R2RError(f"no router at {path}: train one with train_router.py or pass --router")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line; stdout may be --json
@@ -298,9 +297,9 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
     slm_cache, llm_cache, batch = DynamicCache(), DynamicCache(), BatchTrace([Trace() for _ in prompts])
     gens, live = generators or [None] * len(prompts), list(range(len(prompts)))  # live: rows still decoding
     last_call = [0] * len(prompts)  # new tokens at each row's last LLM call
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each token's index in its own row, 0 on padding
     t0 = time.perf_counter()
     for n in range(max_new_tokens):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T + n): each token's index in its own row
         # 1. SLM step over the columns it has not read: a candidate per live row.
         tokens = [None] * len(live)
         if mode != "llm":
@@ -321,6 +320,7 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
         # 4. Commit. A row that ends leaves the batch and both caches, so the rest stop paying for it.
         ids = torch.cat([ids, torch.tensor(tokens, device=dev)[:, None]], dim=1)  # (b, T + n + 1)
         mask = F.pad(mask, (0, 1), value=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)  # (b, T + n + 1)
         batch.steps, now = n + 1, time.perf_counter() - t0
         for i, b in enumerate(live):
             batch.traces[b].tokens.append(tokens[i])
@@ -329,7 +329,7 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
         keep = [i for i, t in enumerate(tokens) if t not in eos]
         if len(keep) < len(live):
             idx = torch.tensor(keep, dtype=torch.long)  # on the CPU: it indexes caches on any device (device_map)
-            ids, mask, live = ids[idx], mask[idx], [live[i] for i in keep]
+            ids, mask, pos, live = ids[idx], mask[idx], pos[idx], [live[i] for i in keep]
             slm_cache.batch_select_indices(idx)
             llm_cache.batch_select_indices(idx)
         if on_step is not None:
@@ -346,7 +346,6 @@ def activated_params(trace, p_slm, p_llm):
     return ((n - n_llm) * p_slm + n_llm * p_llm) / max(n, 1)
 
 
-@torch.no_grad()
 def greedy_batch(model, tok, prompts, max_new_tokens, chat=True, *, eos=None, thinking=None):
     """Greedy responses of one model to many prompts: decode_batch in the LLM-only mode, so
     the same rule as every other path, the raw argmax over the tokenizer's ids until an id in
