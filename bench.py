@@ -1,15 +1,18 @@
 """
-bench.py: R2R's speed at batch size 1, against LLM only and against the ideal that its
-own parts allow.
+bench.py: R2R's speed at batch size 1 in both engines, against LLM only and against the floor
+that the weights' bytes set.
 
     python bench.py                                   # the demo pair (or --slm/--llm/--router)
     python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
     python bench.py --batch-sizes 1 2 4 8 16          # R2R against LLM only as the batch grows
 
-For each of SLM only, LLM only and R2R it decodes the same prompts and reports ms per new
-token. The ideal R2R time is built from parts measured on their own: an SLM step and a
-router call for every token, plus one LLM catch-up pass for each LLM call at the gap length
-it really had. measured / ideal near 1 means the loop adds little beyond the models.
+For each engine (eager: r2r.decode; fast: r2r.FastDecoder) and each of SLM only, LLM only
+and R2R it decodes the same prompts and reports ms per new token; R2R's speedup over LLM only
+in the same engine and over eager LLM only; the floor, weight bytes over a memory bandwidth
+measured in the same run (a decode step reads every weight once), and measured / floor; the
+fast engine's capture and compile seconds (paid once, not in the timings); peak GPU memory;
+a prediction, SLM step + s x LLM step at an LLM share s, for deciding before a run; and how
+many greedy tokens the two engines share (exactly all in fp32; bf16 kernels differ).
 With --pair NAME the models are randomly initialised from published configs, and a random
 router sends --share of the tokens to the LLM (the paper's R1-1.5B + R1-32B: about 13%).
 Warm-up runs first; on a GPU every clock is read after a synchronize.
@@ -21,7 +24,7 @@ import argparse
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import r2r
 
@@ -76,34 +79,79 @@ def random_pair(name, device, dtype):
     return models[0], models[1], 151643
 
 
-@torch.no_grad()
-def ideal_seconds(slm, llm, router, traces, prompt_len, device, reps):
-    """The parts, each timed alone as the loop runs it, down to reading its token: SLM step,
-    router call, an LLM pass over g tokens after a cache of prompt length for every gap
-    length g that R2R's LLM calls had, and the LLM's prompt prefill, which each prompt's
-    first LLM call also does."""
-    gaps = [max(g, 1) for t in traces for g in t.catch_up]
-    ids = torch.zeros(1, max([prompt_len] + gaps), dtype=torch.long, device=device)
+def bandwidth(device):
+    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read and written:
+    the memory speed that the floor below divides by, measured in the same run."""
+    x = torch.empty(2**28, device=device)  # (2^28,) fp32
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x), device, 10)
 
-    def step(model, g):
-        cache = DynamicCache()
-        r2r.forward(model, ids[:, :prompt_len], cache)
 
-        def one_pass():
-            r2r.pick(r2r.forward(model, ids[:, :g], cache, last=True)[1][0, -1])
-            cache.crop(-g)  # transformers 5.x: a negative count drops that many tokens
-            assert cache.get_seq_length() == prompt_len
-        return one_pass
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
-    slm_s = timed(step(slm, 1), device, reps)
-    H, k = router.config.get("hidden_size", slm.config.hidden_size), router.config["top_k"]
-    feats = (torch.randn(1, H, device=device), torch.randn(1, k, device=device), torch.randn(1, H, device=device))
-    router_s = timed(lambda: torch.sigmoid(router(*feats)).item(), device, reps)
-    llm_s = {g: timed(step(llm, g), device, reps) for g in set(gaps)}
-    prefill_s = timed(lambda: r2r.pick(r2r.forward(llm, ids[:, :prompt_len], DynamicCache(), last=True)[1][0, -1]),
-                      device, reps)
-    n, first_calls = sum(len(t.tokens) for t in traces), sum(bool(t.catch_up) for t in traces)
-    return n * (slm_s + router_s) + sum(llm_s[g] for g in gaps) + first_calls * prefill_s, slm_s, router_s
+
+def run_engine(slm, llm, router, prompts, engine, args, *, vocab_size, **kw):
+    """SLM only, LLM only and R2R through one engine: per mode (traces, ms per token), the
+    engine's capture/compile seconds and its peak GPU memory."""
+    decode = r2r.decoder(slm, llm, engine=engine, vocab_size=vocab_size,
+                         max_tokens=max(map(len, prompts)) + args.max_new_tokens)
+    fast = getattr(decode, "__self__", None)  # the FastDecoder behind a fast engine
+    if slm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(slm.device)
+    results = {}
+    for mode in ("slm", "llm", "r2r"):
+        decode(router, prompts[0], max_new_tokens=8, mode=mode, **kw)  # warm-up
+        if fast is not None:
+            fast.prepare(router, mode=mode)  # every graph captured before the clock runs
+        traces = [decode(router, p, max_new_tokens=args.max_new_tokens, mode=mode, **kw) for p in prompts]
+        n = sum(len(t.tokens) for t in traces)
+        results[mode] = traces, 1000 * sum(t.seconds for t in traces) / n
+        print(f"  {engine} {mode}: {results[mode][1]:.2f} ms/token", flush=True)
+    peak = f"{torch.cuda.max_memory_allocated(slm.device) / 2**30:.1f}" if slm.device.type == "cuda" else "-"
+    return results, getattr(fast, "setup_seconds", 0.0), peak
+
+
+def agreement(a, b):
+    """Share of positions where two engines' tokens agree, and the first that differs."""
+    pairs = [(x, y) for ta, tb in zip(a, b) for x, y in zip(ta.tokens, tb.tokens)]
+    first = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
+    return sum(x == y for x, y in pairs) / max(len(pairs), 1), "none" if first is None else first
+
+
+def engine_table(slm, llm, router, prompts, args, **kw):
+    """Both engines side by side (README, "Two engines"): ms per token against the floor that
+    weight bytes over the measured bandwidth give, speedups, setup cost, memory, agreement."""
+    bw = bandwidth(slm.device)
+    floor = {"slm": weight_bytes(slm) / bw * 1e3, "llm": weight_bytes(llm) / bw * 1e3}
+    runs = {e: run_engine(slm, llm, router, prompts, e, args, **kw) for e in args.engines}
+    traces = runs[args.engines[-1]][0]["r2r"][0]
+    n = sum(len(t.tokens) for t in traces)
+    share = sum(sum(t.from_llm) for t in traces) / n
+    calls = [g for t in traces for g in t.catch_up[1:]]  # the first call also reads the prompt
+    floor["r2r"] = floor["slm"] + share * floor["llm"]
+    print(f"bandwidth {bw / 1e12:.2f} TB/s (1 GiB copy); context {max(map(len, prompts)) + args.max_new_tokens} "
+          f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens")
+    print("| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine | over eager LLM only "
+          "| capture+compile s | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+    eager_llm = runs["eager"][0]["llm"][1] if "eager" in runs else float("nan")
+    for engine, (results, setup, peak) in runs.items():
+        for mode, (_, ms) in results.items():
+            fast = f"{results['llm'][1] / ms:.2f}x | {eager_llm / ms:.2f}x" if mode == "r2r" else " | "
+            print(f"| {engine} | {mode} | {ms:.2f} | {floor[mode]:.2f} | {ms / floor[mode]:.2f} | {fast} "
+                  f"| {setup:.0f} | {peak} |")
+    # What the parts predict: an SLM step per token, plus an LLM call for a share s of them (a
+    # catch-up of a few tokens costs about one LLM step: both read every weight once).
+    for engine, (results, _, _) in runs.items():
+        ms = {m: r[1] for m, r in results.items()}
+        for s in sorted({round(share, 3), 0.13}):
+            pred = ms["slm"] + s * ms["llm"]
+            print(f"{engine}: predicted R2R at LLM share {s:.1%}: {pred:.2f} ms/token, {ms['llm'] / pred:.2f}x over "
+                  f"LLM only" + (f" (measured {ms['r2r']:.2f})" if s == round(share, 3) else ""))
+    if len(runs) == 2:
+        for mode in ("slm", "llm", "r2r"):
+            same, first = agreement(*(runs[e][0][mode][0] for e in args.engines))
+            print(f"greedy tokens, fast vs eager, {mode}: {same:.1%} identical, first difference at token {first}")
 
 
 def batch_table(slm, llm, router, prompts, args, **kw):
@@ -135,6 +183,8 @@ def batch_table(slm, llm, router, prompts, args, **kw):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r2r.add_common_args(p, prompts="test.jsonl", split="test")
+    p.add_argument("--engines", nargs="+", choices=["eager", "fast"], default=["eager", "fast"],
+                   help="engines to run side by side (r2r.decode and r2r.FastDecoder)")
     p.add_argument("--pair", default=None, choices=list(PAIRS),
                    help="instead of --slm/--llm/--router: random weights of a published pair")
     p.add_argument("--share", type=float, default=0.13, help="LLM share of the random router (published pairs)")
@@ -142,12 +192,11 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (published pairs: "
                    "exactly this many, no EOS)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
-    p.add_argument("--reps", type=int, default=20, help="repetitions when timing each part")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="print the batch-size table instead "
                    "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)")
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
-    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.reps, *sizes) < 1:
+    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, *sizes) < 1:
         raise r2r.R2RError("--share must lie in [0, 1]; counts and batch sizes must be at least 1")
     args.n_prompts = -(-args.n_prompts // max(sizes)) * max(sizes)
     device, dtype = r2r.pick_device(args.device, args.dtype)
@@ -170,30 +219,7 @@ def main(argv=None):
     if args.batch_sizes:
         return batch_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos)
 
-    def run(mode):
-        kw = dict(vocab_size=vocab, mode=mode, eos=eos, generator=gen)
-        r2r.decode(slm, llm, router, prompts[0], max_new_tokens=8, **kw)  # warm-up
-        traces = [r2r.decode(slm, llm, router, pr, max_new_tokens=args.max_new_tokens, **kw)
-                  for pr in prompts]
-        n, s = sum(len(t.tokens) for t in traces), sum(t.seconds for t in traces)
-        return traces, 1000 * s / n, n
-
-    results = {mode: run(mode) for mode in ("slm", "llm", "r2r")}
-    traces, r2r_ms, n = results["r2r"]
-    ideal, slm_s, router_s = ideal_seconds(slm, llm, router, traces, len(prompts[0]), device, args.reps)
-    calls = [g for t in traces for g in t.catch_up]
-    share = sum(sum(t.from_llm) for t in traces) / n
-    print(f"SLM only  {results['slm'][1]:8.2f} ms/token")
-    print(f"LLM only  {results['llm'][1]:8.2f} ms/token   (LLM / SLM = {results['llm'][1] / results['slm'][1]:.1f}x)")
-    print(f"R2R       {r2r_ms:8.2f} ms/token   LLM share {share:.1%}, {len(calls)} LLM calls, mean catch-up "
-          f"{sum(calls) / max(len(calls), 1):.1f} tokens")
-    print(f"ideal R2R {1000 * ideal / n:8.2f} ms/token   (SLM step {1000 * slm_s:.2f} ms + router "
-          f"{1000 * router_s:.2f} ms per token, plus the LLM calls)")
-    print(f"measured / ideal = {r2r_ms / (1000 * ideal / n):.2f}; speedup over LLM only = "
-          f"{results['llm'][1] / r2r_ms:.2f}x")
-    if device.type == "cuda":
-        gib = torch.cuda.max_memory_allocated(device) / 2**30
-        print(f"{torch.cuda.get_device_name(device)}: peak memory {gib:.1f} GiB")
+    engine_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos, generator=gen)
 
 
 if __name__ == "__main__":

@@ -52,20 +52,21 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
                 flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
 
 
-def decode_all(slm, llm, router, tok, prompts, args, bar, **kw):
+def decode_all(decode, slm, llm, router, tok, prompts, args, bar, **kw):
     """Decodes of every prompt, --batch-size at a time (r2r.decode_batch; each row equals
     its own batch-1 decode, tests/test_batch.py, except under the random baseline, whose one
-    generator is drawn in batch order); `bar` counts the prompts. A batch takes
-    prompts of similar length, which on the demo task means responses of similar length, so
-    it ends soon after most of its rows."""
-    kw.update(vocab_size=len(tok), max_new_tokens=args.max_new_tokens)
+    generator is drawn in batch order), or one by one with `decode`, the engine's batch-1
+    decode; `bar` counts the prompts. A batch takes prompts of similar length, which on the
+    demo task means responses of similar length, so it ends soon after most of its rows."""
+    kw.update(max_new_tokens=args.max_new_tokens)
     order, traces = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), {}
     for i in range(0, len(order), args.batch_size):
         rows = order[i:i + args.batch_size]
-        if len(rows) == 1:  # the reading path
-            traces[rows[0]] = r2r.decode(slm, llm, router, prompts[rows[0]], **kw)
+        if len(rows) == 1:
+            traces[rows[0]] = decode(router, prompts[rows[0]], **kw)
         else:
-            traces.update(zip(rows, r2r.decode_batch(slm, llm, router, [prompts[b] for b in rows], **kw).traces))
+            batch = r2r.decode_batch(slm, llm, router, [prompts[b] for b in rows], vocab_size=len(tok), **kw)
+            traces.update(zip(rows, batch.traces))
         bar.update(len(rows))
     return [traces[i] for i in range(len(prompts))]
 
@@ -95,7 +96,7 @@ def quantile(x, q):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r2r.add_common_args(p, prompts="test.jsonl", split="test")
+    r2r.add_common_args(p, prompts="test.jsonl", split="test", engine=True)
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
@@ -126,6 +127,8 @@ def evaluate(args):
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
+    decode = r2r.decoder(slm, llm, engine=args.engine, vocab_size=len(tok), max_tokens=max(map(len, prompts)) +
+                         args.max_new_tokens, batch_size=args.batch_size)
     thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
     bar = tqdm(total=len(rows) * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt")
 
@@ -137,21 +140,21 @@ def evaluate(args):
         return result
 
     # Single-model rows through the same loop in a forced mode: one decoding rule for every row.
-    slm_traces = decode_all(slm, llm, None, tok, prompts, args, bar, mode="slm")
-    llm_traces = decode_all(slm, llm, None, tok, prompts, args, bar, mode="llm")
+    slm_traces = decode_all(decode, slm, llm, None, tok, prompts, args, bar, mode="slm")
+    llm_traces = decode_all(decode, slm, llm, None, tok, prompts, args, bar, mode="llm")
     results = [row("SLM only", None, slm_traces), row("LLM only", None, llm_traces)]
     scores = slm_step_scores(slm, tok, prompts, slm_traces, router.config["top_k"])
     for t in thresholds:
         name = "R2R (saved)" if t == router.threshold else "R2R"
         bar.set_description(f"R2R {t:.3f}")
-        r = row(name, t, decode_all(slm, llm, router, tok, prompts, args, bar, threshold=t))
+        r = row(name, t, decode_all(decode, slm, llm, router, tok, prompts, args, bar, threshold=t))
         results.append(r)
         # Baselines at the share R2R reached: route the same share of the SLM's own steps.
         for kind, s in scores.items():
             bt = quantile(s, 1 - r["share"]) if r["share"] > 0 else 1.0
             base = r2r.ConfidenceRouter(kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0))
             bar.set_description(kind)
-            results.append(row(f"{kind}", bt, decode_all(slm, llm, base, tok, prompts, args, bar)))
+            results.append(row(f"{kind}", bt, decode_all(decode, slm, llm, base, tok, prompts, args, bar)))
     bar.close()
     return results
 

@@ -30,7 +30,7 @@ COLOUR = ("\033[1;31m", "\033[0m")  # the LLM's tokens on a terminal: bold red
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r2r.add_common_args(p)
+    r2r.add_common_args(p, engine=True)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
     p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
                    "or a hub dataset")
@@ -140,15 +140,15 @@ def summarize(trace, p_slm, p_llm):
                 activated_params=r2r.activated_params(trace, p_slm, p_llm))
 
 
-def decode_chunk(slm, llm, router, ids, gens, vocab_size, args, stream=None):
+def decode_chunk(decode, slm, llm, router, ids, gens, vocab_size, args, stream=None):
     """The traces of a few prompts decoded together (r2r.decode_batch), or of one prompt by
-    the reading path, r2r.decode, which can stream. Prompt i samples from its own generator
-    gens[i], so its tokens do not depend on the batch it is in."""
-    kw = dict(vocab_size=vocab_size, max_new_tokens=args.max_new_tokens, mode=args.mode, threshold=args.threshold,
+    `decode`, the engine's batch-1 decode, which can stream. Prompt i samples from its own
+    generator gens[i], so its tokens do not depend on the batch it is in."""
+    kw = dict(max_new_tokens=args.max_new_tokens, mode=args.mode, threshold=args.threshold,
               temperature=args.temperature, top_p=args.top_p)
     if len(ids) == 1:
-        return [r2r.decode(slm, llm, router, ids[0], generator=gens[0], on_step=stream, **kw)]
-    return r2r.decode_batch(slm, llm, router, ids, generators=gens, **kw).traces
+        return [decode(router, ids[0], generator=gens[0], on_step=stream, **kw)]
+    return r2r.decode_batch(slm, llm, router, ids, vocab_size=vocab_size, generators=gens, **kw).traces
 
 
 def show(prompt, trace, tok, s, args, stream):
@@ -180,6 +180,8 @@ def main(argv=None):
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(ids))]
+    decode = r2r.decoder(slm, llm, engine=args.engine, vocab_size=len(tok), max_tokens=max(map(len, ids)) +
+                         args.max_new_tokens, batch_size=args.batch_size)
     live = sys.stdout.isatty() and not args.json and args.batch_size == 1  # stream to a terminal, one prompt at a time
     for first in range(0, len(prompts), args.batch_size):
         chunk = range(first, min(first + args.batch_size, len(prompts)))
@@ -188,8 +190,8 @@ def main(argv=None):
             if note:
                 print(note, file=sys.stderr)
         stream = Stream(tok) if live else None
-        traces = decode_chunk(slm, llm, router, [ids[i] for i in chunk], [gens[i] for i in chunk], len(tok), args,
-                              stream)
+        traces = decode_chunk(decode, slm, llm, router, [ids[i] for i in chunk], [gens[i] for i in chunk], len(tok),
+                              args, stream)
         for i, trace in zip(chunk, traces):
             show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
 

@@ -9,6 +9,7 @@ command line, device and dtype, loading a pair, prompts and the answer rule. It 
 label, train or print reports; the scripts do.
 """
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
@@ -56,14 +57,22 @@ def router_inputs(slm, hidden, logits, tokens, k):
     return hidden.float(), topk, slm.get_input_embeddings()(tokens).float()
 
 
-def pick(logits, temperature=0.0, top_p=1.0, generator=None):
-    """Next token from logits (V,): argmax when temperature is 0, else nucleus sampling."""
+def sample(logits, temperature, top_p, u):
+    """Next tokens from logits (B, V): the argmax at temperature 0, else nucleus sampling,
+    row b taking the token where its cumulative probability reaches u[b] (uniforms (B,)).
+    Tensors in and out, no read by the host: the fast engine runs it inside a CUDA graph."""
     if temperature == 0:
-        return int(logits.argmax())
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    p, idx = probs.sort(descending=True)
-    p[(p.cumsum(-1) - p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
-    return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
+        return logits.argmax(-1)
+    p, idx = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)  # (B, V)
+    p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0)  # keep the smallest prefix whose mass reaches top_p
+    cdf = p.cumsum(-1)  # (B, V)
+    j = torch.searchsorted(cdf, u[:, None].to(cdf) * cdf[:, -1:]).clamp(max=p.shape[-1] - 1)  # (B, 1)
+    return idx.gather(-1, j)[:, 0]
+
+
+def uniform(generator, device):
+    """One uniform draw (1,) from `generator` (None: torch's own), moved to `device`."""
+    return torch.rand(1, generator=generator, device=generator.device if generator else device).to(device)
 
 # ----------------------------------------------------------------------------- the router
 
@@ -160,7 +169,7 @@ def load_router(path, slm, tok, device="cpu"):
         raise R2RError(f"no router at {path}: train one with train_router.py or pass --router")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line; stdout may be --json
-            router = Router.from_pretrained(path, map_location=str(device), strict=True)
+            router = Router.from_pretrained(path, map_location="cpu", strict=True)
     except (OSError, TypeError, ValueError, RuntimeError) as e:  # hub errors are OSErrors
         raise R2RError(f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
                        "train_router.py or a hub name")
@@ -172,7 +181,7 @@ def load_router(path, slm, tok, device="cpu"):
                            f"but {want['name']} has {want[key]}: train a router for this SLM")
     if have.get("embedding_sha") != want["embedding_sha"]:
         print(f"warning: the router in {path} was trained for {have.get('name')}, not {want['name']}")
-    return router.eval()
+    return router.to(device).eval()  # the mixin's map_location places the weights it reads, not the module
 
 # ----------------------------------------------------------------------------- mixed decoding
 
@@ -208,10 +217,9 @@ def catch_up(llm, pending, cache, **kw):
 
 
 def pick_rows(logits, temperature, top_p, generators):
-    """`pick` for each row of logits (B, V), row b drawing from generators[b]."""
-    if temperature == 0:
-        return logits.argmax(-1).tolist()  # one device sync for the whole batch
-    return [pick(row, temperature, top_p, g) for row, g in zip(logits, generators)]
+    """`sample` for each row of logits (B, V), row b drawing its uniform from generators[b]."""
+    u = None if temperature == 0 else torch.cat([uniform(g, logits.device) for g in generators])  # (B,)
+    return sample(logits, temperature, top_p, u).tolist()  # one device sync for the whole batch
 
 
 @torch.no_grad()
@@ -238,14 +246,14 @@ def decode(slm, llm, router, prompt_ids, *, vocab_size, max_new_tokens, mode="r2
         if mode != "llm":
             fresh = torch.tensor([trace.tokens[-1:] or prompt_ids], device=slm.device)  # (1, T)
             hidden, logits = slm_step(slm, fresh, slm_cache, V)
-            token = pick(logits[0], temperature, top_p, generator)
+            token = pick_rows(logits, temperature, top_p, [generator])[0]
         # 2. Route.
         routed = route(router, slm, hidden, logits, [token], threshold)[0] if mode == "r2r" else mode == "llm"
         # 3. LLM catch-up on the gap; its token replaces the candidate.
         if routed:
             trace.catch_up.append(len(pending) - (len(prompt_ids) if llm_cache.get_seq_length() == 0 else 0))
             llm_logits = catch_up(llm, torch.tensor([pending], device=llm.device), llm_cache)  # (1, V)
-            token = pick(llm_logits[0, :V], temperature, top_p, generator)
+            token = pick_rows(llm_logits[:, :V], temperature, top_p, [generator])[0]
             pending = []
         # 4. Commit.
         trace.tokens.append(token)
@@ -340,6 +348,185 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
     return batch
 
 
+# ----------------------------------------------------------------------------- the fast engine
+
+class FastDecoder:
+    """`decode` again, for speed: the same four steps over static buffers (README, "Two engines").
+
+    Both models write into a StaticCache sized once, `max_tokens` (prompt + response) plus
+    `max_bucket`; each layer keeps its length as a device tensor, so one function serves
+    every position: the SLM step with its candidate and the router's decision (steps 1-2)
+    is ONE function of the token fed, and the LLM catch-up (step 3) pads the gap up to a
+    power of two, one function per length. The padding writes junk past the gap, which no
+    query attends to (the mask is causal) and the next real tokens overwrite; every layer's
+    length is then set back to the real one and the logits read at the gap's last token.
+    On CUDA each function is compiled (the one-token steps) and captured as a CUDA graph,
+    once per engine and reused for every prompt: per token the host replays a graph and
+    reads back two numbers. Elsewhere the same functions run as plain calls (what the tests
+    check). Prompt prefills and gaps longer than `max_bucket` run uncaptured.
+    """
+
+    def __init__(self, slm, llm, *, vocab_size, max_tokens, max_bucket=64, graphs=None):
+        for m in (slm, llm):
+            if set(getattr(m.config.get_text_config(), "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+                raise R2RError(f"{m.config.name_or_path} has sliding-window layers: use --engine eager")
+        self.slm, self.llm, self.router, self.V, self.max_bucket = slm, llm, None, vocab_size, max_bucket
+        self.max_tokens = max_tokens
+        self.graphs = llm.device.type == "cuda" if graphs is None else graphs
+        self.slm_cache = StaticCache(config=slm.config, max_cache_len=max_tokens + max_bucket)
+        self.llm_cache = StaticCache(config=llm.config, max_cache_len=max_tokens + max_bucket)
+        self.fed = torch.zeros(1, 1, dtype=torch.long, device=slm.device)  # the token the SLM reads next
+        self.u_slm, self.u_llm = torch.zeros(1, device=slm.device), torch.zeros(1, device=llm.device)
+        self.threshold = torch.zeros((), dtype=torch.float32 if slm.device.type == "mps" else torch.float64,
+                                     device=slm.device)  # float64 on CPU/CUDA: decide exactly as `route` does
+        buckets = [1 << i for i in range(max_bucket.bit_length()) if 1 << i <= max_bucket]
+        self.gap_ids = {P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in buckets}  # (1, P)
+        self.gap = torch.ones(1, dtype=torch.long, device=llm.device)  # real tokens in the padded gap
+        self.fns, self.setup_seconds = {}, 0.0
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    def _decide(self, hidden, logits, route, temperature, top_p):
+        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V): (2,) = candidate, routed."""
+        token = sample(logits, temperature, top_p, self.u_slm)  # (1,)
+        if not route:
+            return torch.cat([token, torch.zeros_like(token)])
+        score = torch.sigmoid(self.router(*router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])))
+        return torch.cat([token, (score.to(self.threshold) >= self.threshold).long()])
+
+    def _fn(self, kind, arg, temperature, top_p):
+        """The captured function for the SLM step (arg: route?) or a catch-up of arg tokens, built
+        once per router (kept alive here: a graph holds its weights' addresses)."""
+        key = (kind, arg, temperature, top_p, id(self.router) if kind == "slm" and arg else None)
+        if key not in self.fns:
+            if kind == "slm":
+                def fn():
+                    hidden, logits = slm_step(self.slm, self.fed, self.slm_cache, self.V)  # (1, H), (1, V)
+                    return self._decide(hidden, logits, arg, temperature, top_p)
+            else:
+                def fn():
+                    start = self.llm_cache.layers[0].cumulative_length.clone()
+                    out = self.llm.base_model(input_ids=self.gap_ids[arg], past_key_values=self.llm_cache, use_cache=True)
+                    for layer in self.llm_cache.layers:  # forget the padding
+                        layer.cumulative_length.copy_(start + self.gap[0])
+                    logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, self.gap - 1])  # (1, 1, V)
+                    return sample(logits[:, 0, :self.V], temperature, top_p, self.u_llm)
+            self.fns[key] = self.router, self._capture(fn, compiled=kind == "slm" or arg == 1)
+        return self.fns[key][1]
+
+    def _capture(self, fn, compiled):
+        """fn as a CUDA graph replayed on each call (compiled first if `compiled`), or fn itself off CUDA.
+        The models keep their attention (SDPA): exact under capture, where flex attention was not."""
+        if not self.graphs:
+            return fn
+        t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
+        layers = self.slm_cache.layers + self.llm_cache.layers
+        lengths = [layer.cumulative_length.clone() for layer in layers]
+        graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compiling, autotuning and allocating happen here, not in the graph
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        for layer, n in zip(layers, lengths):  # the warm-up runs fed junk: forget it
+            layer.cumulative_length.copy_(n)
+        if gen is not None and gen.device.type == "cuda":  # the random baseline draws inside the graph
+            graph.register_generator_state(gen)
+        with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one at a time
+            out = fn()
+        torch.cuda.synchronize()
+        self.setup_seconds += time.perf_counter() - t0
+
+        def replay():
+            graph.replay()
+            return out
+        return replay
+
+    def _catch_up(self, pending, temperature, top_p):
+        """Step 3 on the gap `pending`: a captured bucket, or one uncaptured pass for the first
+        call (it also reads the prompt) and for gaps longer than the largest bucket."""
+        ids = torch.tensor([pending], device=self.llm.device)  # (1, gap)
+        if self.llm_seen and len(pending) <= self.max_bucket:
+            P = 1 << (len(pending) - 1).bit_length()
+            self.gap_ids[P][:, :len(pending)] = ids
+            self.gap.fill_(len(pending))
+            return self._fn("llm", P, temperature, top_p)().item()
+        return sample(catch_up(self.llm, ids, self.llm_cache)[:, :self.V], temperature, top_p, self.u_llm).item()
+
+    def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0):
+        """Capture every function a decode in `mode` can use now, not at its first use (bench.py
+        times decodes with no capture inside). Needs allocated caches: call it after a decode."""
+        self.router = router
+        if mode != "llm":
+            self._fn("slm", mode == "r2r", temperature, top_p)
+        for P in self.gap_ids if mode != "slm" else []:
+            self._fn("llm", P, temperature, top_p)
+
+    @torch.no_grad()
+    def decode(self, router, prompt_ids, *, max_new_tokens, mode="r2r", threshold=None, temperature=0.0, top_p=1.0,
+               generator=None, eos=None, on_step=None):
+        """`decode(slm, llm, router, prompt_ids, ...)`: the same arguments, tokens and draws from
+        `generator`, over the engine's buffers."""
+        if len(prompt_ids) + max_new_tokens > self.max_tokens:
+            raise R2RError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the fast engine's "
+                           f"{self.max_tokens}: build it with a larger max_tokens, or use --engine eager")
+        self.router = router
+        threshold = router.threshold if threshold is None and router is not None else threshold
+        self.threshold.fill_(threshold if mode == "r2r" else 0)
+        eos = eos_ids(self.slm, self.llm) if eos is None else eos
+        for layer in self.slm_cache.layers + self.llm_cache.layers:  # a new prompt: the old slots are junk now
+            layer.cumulative_length.zero_()
+        pending, trace, self.llm_seen, t0 = list(prompt_ids), Trace(), 0, time.perf_counter()
+        for n in range(max_new_tokens):
+            # 1.-2. SLM step, candidate, routing; the prompt's prefill (any length) runs uncaptured.
+            routed = mode == "llm"
+            if not routed:
+                if temperature:
+                    self.u_slm.copy_(uniform(generator, self.u_slm.device))
+                if n == 0:
+                    hidden, logits = slm_step(self.slm, torch.tensor([prompt_ids], device=self.slm.device), self.slm_cache, self.V)
+                    out = self._decide(hidden, logits, mode == "r2r", temperature, top_p)
+                else:
+                    self.fed.fill_(trace.tokens[-1])
+                    out = self._fn("slm", mode == "r2r", temperature, top_p)()
+                token, routed = out.tolist()
+            # 3. LLM catch-up on the gap.
+            if routed:
+                trace.catch_up.append(len(pending) - (0 if self.llm_seen else len(prompt_ids)))
+                if temperature:
+                    self.u_llm.copy_(uniform(generator, self.u_llm.device))
+                token = self._catch_up(pending, temperature, top_p)
+                self.llm_seen, pending = self.llm_seen + len(pending), []
+            # 4. Commit.
+            trace.tokens.append(token)
+            trace.from_llm.append(int(routed))
+            pending.append(token)
+            if on_step is not None:
+                on_step(self.slm_cache, self.llm_cache, pending, trace)
+            if token in eos:
+                break
+        if self.llm.device.type == "cuda":
+            torch.cuda.synchronize()
+        trace.seconds = time.perf_counter() - t0
+        return trace
+
+
+def decoder(slm, llm, *, engine, vocab_size, max_tokens, batch_size=1):
+    """decode(router, prompt_ids, **options) of the engine asked: "eager" (`decode`) or "fast"
+    (a FastDecoder for prompt + response up to `max_tokens`, built once here so that its graphs
+    serve every prompt); None picks fast on CUDA at batch size 1, where it pays, else eager
+    (whose batches the scripts decode with `decode_batch`). Prints which engine runs."""
+    if engine == "fast" and batch_size > 1:
+        raise R2RError("--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager")
+    engine = engine or ("fast" if llm.device.type == "cuda" and batch_size == 1 else "eager")
+    if engine == "eager":
+        print("engine eager (DynamicCache, one launch per kernel)")
+        return functools.partial(decode, slm, llm, vocab_size=vocab_size)
+    fast = FastDecoder(slm, llm, vocab_size=vocab_size, max_tokens=max_tokens)
+    print(f"engine fast (StaticCache, {'CUDA graphs, compiled one-token steps' if fast.graphs else 'no graphs off CUDA'})")
+    return fast.decode
+
+
 def activated_params(trace, p_slm, p_llm):
     """Average activated parameters per token, the authors' formula (README, "The method")."""
     n, n_llm = len(trace.tokens), sum(trace.from_llm)
@@ -369,7 +556,7 @@ def run_main(main):
         raise SystemExit(f"error: {e}")
 
 
-def add_common_args(p, router=True, prompts=None, split="train"):
+def add_common_args(p, router=True, prompts=None, split="train", engine=False):
     """The flags the scripts share: the pair, its router, the device, and a prompt source."""
     p.add_argument("--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder")
     p.add_argument("--llm", default=os.path.join(DEMO, "llm"), help="large model sharing the SLM's tokenizer")
@@ -380,6 +567,10 @@ def add_common_args(p, router=True, prompts=None, split="train"):
     p.add_argument("--device-map", default=None, help="'auto' spreads the LLM (and a judge) over every visible GPU "
                    "with accelerate, for models that do not fit one; the SLM and router stay on --device")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
+    if engine:
+        p.add_argument("--engine", choices=["eager", "fast"], default=None, help="eager: the reference loop, any batch "
+                       "size; fast: static caches, CUDA graphs, compiled steps, one prompt at a time, same tokens "
+                       "(default: fast on CUDA, eager elsewhere)")
     if prompts:
         p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help=".txt, .json, .jsonl file or hub dataset")
         p.add_argument("--split", default=split, help="split of a hub dataset")

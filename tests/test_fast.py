@@ -1,0 +1,179 @@
+"""The fast engine (r2r.FastDecoder) against the eager one (r2r.decode), the oracle here:
+same tokens, same routing, same catch-ups, on CPU in fp32 where it runs the static caches
+and padded catch-ups without CUDA graphs. Also against a full recompute and the caches'
+own lengths. The CUDA-only parts (graphs, compile) are exercised by bench.py on a GPU."""
+import json
+import os
+
+import pytest
+import torch
+
+import generate
+import r2r
+from conftest import ROOT
+from test_generate import PROMPT, SignRouter, run_cli
+
+BUCKET = 4  # small, so catch-ups run through every bucket and past the largest
+
+
+class ScheduleRouter(torch.nn.Module):
+    """Routes exactly the steps in `steps` (counting its calls), whatever the features say:
+    routed steps 0, 1, 3, 6, 10, 15, 21 give catch-ups of 1 to 6 tokens after the first."""
+    config = {"top_k": 5, "threshold": 0.5}
+    threshold = 0.5
+
+    def __init__(self, steps=(0, 1, 3, 6, 10, 15, 21)):
+        super().__init__()
+        self.steps, self.calls = set(steps), 0
+
+    def forward(self, hidden, topk, emb):
+        self.calls += 1
+        return torch.full(hidden.shape[:1], 1e4 if self.calls - 1 in self.steps else -1e4)
+
+
+def engine(slm, llm, tok, max_tokens=120):
+    return r2r.FastDecoder(slm, llm, vocab_size=len(tok), max_tokens=max_tokens, max_bucket=BUCKET)
+
+
+def both(slm, llm, make_router, tok, ids, **kw):
+    eager = r2r.decode(slm, llm, make_router(), ids, vocab_size=len(tok), **kw)
+    fast = engine(slm, llm, tok).decode(make_router(), ids, **kw)
+    return eager, fast
+
+
+@pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
+def test_fast_equals_eager_with_catch_ups_of_every_length(pair, tok, mode):
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    eager, fast = both(slm, llm, ScheduleRouter, tok, ids, max_new_tokens=30, mode=mode, eos=set())
+    assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    if mode == "r2r":
+        assert set(range(1, BUCKET + 3)) <= set(eager.catch_up), "the test needs gaps of 1 to past the largest bucket"
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.5, 0.95])
+def test_fast_equals_eager_at_router_thresholds(pair, tok, threshold):
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    eager, fast = both(slm, llm, lambda: r2r.ConfidenceRouter("top1", 5, threshold), tok, ids, max_new_tokens=40,
+                       eos=set())
+    assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+
+
+@pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
+def test_demo_pair_fast_equals_eager(demo_pair, mode):
+    slm, llm, tok = demo_pair
+    ids = r2r.encode_prompt(tok, "4837+2956")
+    router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
+    eager, fast = both(slm, llm, lambda: router, tok, ids, max_new_tokens=100, mode=mode, threshold=0.3)
+    assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    assert mode != "r2r" or 0 < sum(fast.from_llm) < len(fast.tokens)
+    assert fast.tokens[-1] in r2r.eos_ids(slm, llm) and len(fast.tokens) < 100, "the demo pair stops at its EOS"
+
+
+def test_one_engine_serves_many_prompts(demo_pair):
+    slm, llm, tok = demo_pair
+    fast = engine(slm, llm, tok)
+    for text in ["12+3", "4837+2956", "5+67", "12+3"]:  # longer then shorter: old slots must not leak
+        ids = r2r.encode_prompt(tok, text)
+        want = r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=40)
+        got = fast.decode(SignRouter(), ids, max_new_tokens=40)
+        assert (got.tokens, got.from_llm) == (want.tokens, want.from_llm), text
+
+
+def test_eos_and_max_new_tokens_stop_both_engines_alike(pair, tok):
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    full = both(slm, llm, ScheduleRouter, tok, ids, max_new_tokens=30, eos=set())[0].tokens
+    eos = {full[12]}
+    for n in (5, 30):
+        eager, fast = both(slm, llm, ScheduleRouter, tok, ids, max_new_tokens=n, eos=eos)
+        assert fast.tokens == eager.tokens and len(fast.tokens) == min(n, full.index(full[12]) + 1)
+
+
+def test_sampling_equals_eager_for_the_same_seed(pair, tok):
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    kw = dict(max_new_tokens=30, eos=set(), temperature=1.0, top_p=0.9)
+    eager = r2r.decode(slm, llm, ScheduleRouter(), ids, vocab_size=len(tok), generator=torch.Generator().manual_seed(3),
+                       **kw)
+    fast = engine(slm, llm, tok)
+    first, again, other = [fast.decode(ScheduleRouter(), ids, generator=torch.Generator().manual_seed(s), **kw).tokens
+                           for s in (3, 3, 4)]
+    assert first == again == eager.tokens and other != first
+
+
+def test_padded_catch_up_logits_equal_full_recompute(pair, tok, monkeypatch):
+    """Each catch-up's logits (padded to its bucket, or past it) equal one pass over prompt +
+    every token committed before it, without a cache; and so do the logits of the next token
+    fed to the cache it leaves behind, whose junk padding must be invisible."""
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    fast, sampled, errors = engine(slm, llm, tok), [], []
+    sample = r2r.sample
+    monkeypatch.setattr(r2r, "sample", lambda logits, *a: sampled.append(logits) or sample(logits, *a))
+
+    def recompute(tokens):
+        return llm(torch.tensor([ids + tokens])).logits[0, -1, :len(tok)]
+
+    def check(slm_cache, llm_cache, pending, trace):
+        if trace.from_llm[-1] and len(trace.tokens) > 1:
+            errors.append(float((sampled[-1][0] - recompute(trace.tokens[:-1])).abs().max()))
+            n = llm_cache.get_seq_length().clone()
+            after = r2r.forward(llm, torch.tensor([pending]), llm_cache, last=True)[1][0, -1, :len(tok)]
+            errors.append(float((after - recompute(trace.tokens)).abs().max()))
+            for layer in llm_cache.layers:
+                layer.cumulative_length.copy_(n)
+
+    trace = fast.decode(ScheduleRouter(), ids, max_new_tokens=30, eos=set(), on_step=check)
+    assert set(range(1, BUCKET + 3)) <= set(trace.catch_up)
+    assert len(errors) >= 12 and max(errors) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
+def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    lengths = []
+
+    def check(slm_cache, llm_cache, pending, trace):
+        n, fed_llm = len(trace.tokens), len(ids) + len(trace.tokens) - len(pending)
+        want_slm = 0 if mode == "llm" else len(ids) + n - 1
+        lengths.append((int(slm_cache.get_seq_length()), int(llm_cache.get_seq_length()), want_slm, fed_llm))
+
+    engine(slm, llm, tok).decode(ScheduleRouter(), ids, max_new_tokens=30, mode=mode, eos=set(), on_step=check)
+    assert [(a, b) for a, b, _, _ in lengths] == [(c, d) for _, _, c, d in lengths]
+    assert len(lengths) == 30
+
+
+def test_too_long_for_the_buffers_is_one_line(pair, tok):
+    slm, llm = pair
+    with pytest.raises(r2r.R2RError, match="exceed the fast engine"):
+        engine(slm, llm, tok, max_tokens=20).decode(None, list(range(15)), max_new_tokens=10, mode="slm")
+
+
+def json_rows(argv, capsys):
+    generate.main(argv + ["--json"])
+    out = capsys.readouterr().out
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")], out
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--top-p", "0.9", "--seed", "5"]])
+def test_generate_cli_engines_agree(capsys, sampling):
+    argv = ["--prompt", "4837+2956", "--prompt", "12+345", "--threshold", "0.3", "--max-new-tokens", "40", *sampling]
+    eager, out_eager = json_rows(argv + ["--engine", "eager"], capsys)
+    fast, out_fast = json_rows(argv + ["--engine", "fast"], capsys)
+    assert "engine eager" in out_eager and "engine fast" in out_fast and len(fast) == 2
+    assert [(r["token_ids"], r["from_llm"]) for r in fast] == [(r["token_ids"], r["from_llm"]) for r in eager]
+
+
+def test_fast_engine_refuses_batches_in_one_line():
+    assert "one prompt at a time" in run_cli(["--engine", "fast", "--batch-size", "2", "--prompt", "12+3"])
+
+
+def test_router_loads_onto_the_device_asked(demo_pair):
+    """The hub mixin's map_location places the weights it reads, not the module: load_router
+    must move the router itself (on a GPU it stayed on the CPU beside CUDA features)."""
+    slm, _, tok = demo_pair
+    router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok, "meta")
+    assert {p.device.type for p in router.parameters()} == {"meta"}
