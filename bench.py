@@ -80,15 +80,19 @@ def random_pair(name, device, dtype):
 
 
 def bandwidth(device):
-    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read and written:
+    """Bytes per second of a device-to-device copy, counting bytes read and written:
     the memory speed that the floor below divides by, measured in the same run."""
-    x = torch.empty(2**28, device=device)  # (2^28,) fp32
+    x = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)  # (n,) fp32: 1 GiB, 128 MiB off CUDA
     y = torch.empty_like(x)
     return 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x), device, 10)
 
 
 def weight_bytes(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a decode step reads: every weight, but of an input embedding that is not also the
+    lm_head only one row."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    unread = 0 if emb is head else emb.numel() * emb.element_size()
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - unread
 
 
 def run_engine(slm, llm, router, prompts, engine, args, *, vocab_size, **kw):
@@ -97,6 +101,8 @@ def run_engine(slm, llm, router, prompts, engine, args, *, vocab_size, **kw):
     decode = r2r.decoder(slm, llm, engine=engine, vocab_size=vocab_size,
                          max_tokens=max(map(len, prompts)) + args.max_new_tokens)
     fast = getattr(decode, "__self__", None)  # the FastDecoder behind a fast engine
+    if getattr(router, "generator", None) is not None:
+        router.generator.manual_seed(0)  # both engines route with the same draws
     if slm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slm.device)
     results = {}
@@ -113,8 +119,8 @@ def run_engine(slm, llm, router, prompts, engine, args, *, vocab_size, **kw):
 
 
 def agreement(a, b):
-    """Share of positions where two engines' tokens agree, and the first that differs."""
-    pairs = [(x, y) for ta, tb in zip(a, b) for x, y in zip(ta.tokens, tb.tokens)]
+    """Share of positions where two engines agree on token and source, and the first that differs."""
+    pairs = [(x, y) for ta, tb in zip(a, b) for x, y in zip(zip(ta.tokens, ta.from_llm), zip(tb.tokens, tb.from_llm))]
     first = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
     return sum(x == y for x, y in pairs) / max(len(pairs), 1), "none" if first is None else first
 
@@ -130,7 +136,7 @@ def engine_table(slm, llm, router, prompts, args, **kw):
     share = sum(sum(t.from_llm) for t in traces) / n
     calls = [g for t in traces for g in t.catch_up[1:]]  # the first call also reads the prompt
     floor["r2r"] = floor["slm"] + share * floor["llm"]
-    print(f"bandwidth {bw / 1e12:.2f} TB/s (1 GiB copy); context {max(map(len, prompts)) + args.max_new_tokens} "
+    print(f"bandwidth {bw / 1e12:.2f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
           f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens")
     print("| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine | over eager LLM only "
           "| capture+compile s | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
@@ -151,7 +157,8 @@ def engine_table(slm, llm, router, prompts, args, **kw):
     if len(runs) == 2:
         for mode in ("slm", "llm", "r2r"):
             same, first = agreement(*(runs[e][0][mode][0] for e in args.engines))
-            print(f"greedy tokens, fast vs eager, {mode}: {same:.1%} identical, first difference at token {first}")
+            print(f"greedy tokens and routing, fast vs eager, {mode}: {same:.1%} identical, first difference at "
+                  f"token {first}")
 
 
 def batch_table(slm, llm, router, prompts, args, **kw):

@@ -52,7 +52,7 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
                 flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
 
 
-def decode_all(decode, slm, llm, router, tok, prompts, args, bar, **kw):
+def decode_all(prompts, router, args, bar, *, decode, slm, llm, tok, **kw):
     """Decodes of every prompt, --batch-size at a time (r2r.decode_batch; each row equals
     its own batch-1 decode, tests/test_batch.py, except under the random baseline, whose one
     generator is drawn in batch order), or one by one with `decode`, the engine's batch-1
@@ -129,6 +129,7 @@ def evaluate(args):
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     decode = r2r.decoder(slm, llm, engine=args.engine, vocab_size=len(tok), max_tokens=max(map(len, prompts)) +
                          args.max_new_tokens, batch_size=args.batch_size)
+    engine = dict(decode=decode, slm=slm, llm=llm, tok=tok)
     thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
     bar = tqdm(total=len(rows) * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt")
 
@@ -140,21 +141,21 @@ def evaluate(args):
         return result
 
     # Single-model rows through the same loop in a forced mode: one decoding rule for every row.
-    slm_traces = decode_all(decode, slm, llm, None, tok, prompts, args, bar, mode="slm")
-    llm_traces = decode_all(decode, slm, llm, None, tok, prompts, args, bar, mode="llm")
+    slm_traces = decode_all(prompts, None, args, bar, **engine, mode="slm")
+    llm_traces = decode_all(prompts, None, args, bar, **engine, mode="llm")
     results = [row("SLM only", None, slm_traces), row("LLM only", None, llm_traces)]
     scores = slm_step_scores(slm, tok, prompts, slm_traces, router.config["top_k"])
     for t in thresholds:
         name = "R2R (saved)" if t == router.threshold else "R2R"
         bar.set_description(f"R2R {t:.3f}")
-        r = row(name, t, decode_all(decode, slm, llm, router, tok, prompts, args, bar, threshold=t))
+        r = row(name, t, decode_all(prompts, router, args, bar, **engine, threshold=t))
         results.append(r)
         # Baselines at the share R2R reached: route the same share of the SLM's own steps.
         for kind, s in scores.items():
             bt = quantile(s, 1 - r["share"]) if r["share"] > 0 else 1.0
             base = r2r.ConfidenceRouter(kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0))
             bar.set_description(kind)
-            results.append(row(f"{kind}", bt, decode_all(decode, slm, llm, base, tok, prompts, args, bar)))
+            results.append(row(f"{kind}", bt, decode_all(prompts, base, args, bar, **engine)))
     bar.close()
     return results
 

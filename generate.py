@@ -140,7 +140,7 @@ def summarize(trace, p_slm, p_llm):
                 activated_params=r2r.activated_params(trace, p_slm, p_llm))
 
 
-def decode_chunk(decode, slm, llm, router, ids, gens, vocab_size, args, stream=None):
+def decode_chunk(ids, gens, router, args, *, decode, slm, llm, vocab_size, stream=None):
     """The traces of a few prompts decoded together (r2r.decode_batch), or of one prompt by
     `decode`, the engine's batch-1 decode, which can stream. Prompt i samples from its own
     generator gens[i], so its tokens do not depend on the batch it is in."""
@@ -190,8 +190,8 @@ def main(argv=None):
             if note:
                 print(note, file=sys.stderr)
         stream = Stream(tok) if live else None
-        traces = decode_chunk(decode, slm, llm, router, [ids[i] for i in chunk], [gens[i] for i in chunk], len(tok),
-                              args, stream)
+        traces = decode_chunk([ids[i] for i in chunk], [gens[i] for i in chunk], router, args, decode=decode, slm=slm,
+                              llm=llm, vocab_size=len(tok), stream=stream)
         for i, trace in zip(chunk, traces):
             show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
 

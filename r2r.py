@@ -59,7 +59,8 @@ def router_inputs(slm, hidden, logits, tokens, k):
 
 def sample(logits, temperature, top_p, u):
     """Next tokens from logits (B, V): the argmax at temperature 0, else nucleus sampling,
-    row b taking the token where its cumulative probability reaches u[b] (uniforms (B,)).
+    row b taking the token where the cumulative probability of the top-p tokens reaches u[b]
+    (uniforms (B,)) times their mass.
     Tensors in and out, no read by the host: the fast engine runs it inside a CUDA graph."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -353,35 +354,39 @@ def decode_batch(slm, llm, router, prompts, *, vocab_size, max_new_tokens, mode=
 class FastDecoder:
     """`decode` again, for speed: the same four steps over static buffers (README, "Two engines").
 
-    Both models write into a StaticCache sized once, `max_tokens` (prompt + response) plus
-    `max_bucket`; each layer keeps its length as a device tensor, so one function serves
-    every position: the SLM step with its candidate and the router's decision (steps 1-2)
-    is ONE function of the token fed, and the LLM catch-up (step 3) pads the gap up to a
-    power of two, one function per length. The padding writes junk past the gap, which no
-    query attends to (the mask is causal) and the next real tokens overwrite; every layer's
-    length is then set back to the real one and the logits read at the gap's last token.
-    On CUDA each function is compiled (the one-token steps) and captured as a CUDA graph,
-    once per engine and reused for every prompt: per token the host replays a graph and
-    reads back two numbers. Elsewhere the same functions run as plain calls (what the tests
-    check). Prompt prefills and gaps longer than `max_bucket` run uncaptured.
+    Both models write into a StaticCache sized once: `max_tokens` (prompt + response) plus the
+    largest catch-up bucket. Each layer keeps its length as a device tensor, so one function
+    serves every position: steps 1-2 (SLM step, candidate, router decision) are ONE function
+    of the token fed, and step 3 pads the gap up to a power of two (<= `max_bucket`), one
+    function per length. The padding writes junk past the gap, which no query attends to (the
+    mask is causal) and the next real tokens overwrite; each layer's length is then set back to
+    the real one and the logits read at the gap's last token. On CUDA each function is
+    compiled (the one-token ones) and captured as a CUDA graph, once per engine and reused for
+    every prompt: per token the host replays a graph and reads back two numbers. Elsewhere the
+    same functions run as plain calls (what the tests check). Prompt prefills and gaps longer
+    than the largest bucket run uncaptured.
     """
 
     def __init__(self, slm, llm, *, vocab_size, max_tokens, max_bucket=64, graphs=None):
-        for m in (slm, llm):
-            if set(getattr(m.config.get_text_config(), "layer_types", None) or ["full_attention"]) != {"full_attention"}:
-                raise R2RError(f"{m.config.name_or_path} has sliding-window layers: use --engine eager")
-        self.slm, self.llm, self.router, self.V, self.max_bucket = slm, llm, None, vocab_size, max_bucket
-        self.max_tokens = max_tokens
+        if len(set(getattr(llm, "hf_device_map", {"": 0}).values())) > 1:
+            raise R2RError("the fast engine needs the LLM on one device (a CUDA graph runs on one GPU): drop "
+                           "--device-map or use --engine eager")
+        self.slm, self.llm, self.router, self.V, self.max_tokens = slm, llm, None, vocab_size, max_tokens
         self.graphs = llm.device.type == "cuda" if graphs is None else graphs
-        self.slm_cache = StaticCache(config=slm.config, max_cache_len=max_tokens + max_bucket)
-        self.llm_cache = StaticCache(config=llm.config, max_cache_len=max_tokens + max_bucket)
-        self.fed = torch.zeros(1, 1, dtype=torch.long, device=slm.device)  # the token the SLM reads next
-        self.u_slm, self.u_llm = torch.zeros(1, device=slm.device), torch.zeros(1, device=llm.device)
+        self.buckets = [1 << i for i in range(max_bucket.bit_length())]  # catch-up lengths 1, 2, 4, ... <= max_bucket
+        self.slm_cache = StaticCache(config=slm.config, max_cache_len=max_tokens + self.buckets[-1])
+        self.llm_cache = StaticCache(config=llm.config, max_cache_len=max_tokens + self.buckets[-1])
+        for m, cache in ((slm, self.slm_cache), (llm, self.llm_cache)):
+            if any(layer.is_sliding for layer in cache.layers):  # their layers also count in Python ints
+                raise R2RError(f"{m.config.name_or_path} has sliding-window layers: use --engine eager")
+        self.fed = torch.zeros(1, 1, dtype=torch.long, device=slm.device)  # (1, 1) the token the SLM reads next
+        self.u_slm = torch.zeros(1, device=slm.device)  # (1,) the uniform of the SLM's next pick
+        self.u_llm = torch.zeros(1, device=llm.device)  # (1,) the same for the LLM's
         self.threshold = torch.zeros((), dtype=torch.float32 if slm.device.type == "mps" else torch.float64,
-                                     device=slm.device)  # float64 on CPU/CUDA: decide exactly as `route` does
-        buckets = [1 << i for i in range(max_bucket.bit_length()) if 1 << i <= max_bucket]
-        self.gap_ids = {P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in buckets}  # (1, P)
-        self.gap = torch.ones(1, dtype=torch.long, device=llm.device)  # real tokens in the padded gap
+                                     device=slm.device)  # () float64 where it exists: decide exactly as `route`
+        self.gap_ids = {P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in self.buckets}  # (1, P)
+        self.gap = torch.ones(1, dtype=torch.long, device=llm.device)  # (1,) real tokens in the padded gap
+        self.llm_seen = 0  # tokens in the LLM cache, on the host
         self.fns, self.setup_seconds = {}, 0.0
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
@@ -393,24 +398,30 @@ class FastDecoder:
         score = torch.sigmoid(self.router(*router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])))
         return torch.cat([token, (score.to(self.threshold) >= self.threshold).long()])
 
-    def _fn(self, kind, arg, temperature, top_p):
-        """The captured function for the SLM step (arg: route?) or a catch-up of arg tokens, built
-        once per router (kept alive here: a graph holds its weights' addresses)."""
-        key = (kind, arg, temperature, top_p, id(self.router) if kind == "slm" and arg else None)
+    def _slm_fn(self, route, temperature, top_p):
+        """Steps 1-2 for the token in self.fed, as one captured function: (2,) = candidate, routed."""
+        def fn():
+            hidden, logits = slm_step(self.slm, self.fed, self.slm_cache, self.V)  # (1, H), (1, V)
+            return self._decide(hidden, logits, route, temperature, top_p)
+        return self._captured(("slm", route, temperature, top_p, id(self.router) if route else None), fn, True)
+
+    def _llm_fn(self, P, temperature, top_p):
+        """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P: the LLM's token (1,)."""
+        self.gap.fill_(P)  # any gap <= P is valid while capturing; the caller sets the real one after
+
+        def fn():
+            start = self.llm_cache.layers[0].cumulative_length.clone()
+            out = self.llm.base_model(input_ids=self.gap_ids[P], past_key_values=self.llm_cache, use_cache=True)
+            for layer in self.llm_cache.layers:  # forget the padding
+                layer.cumulative_length.copy_(start + self.gap[0])
+            logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, self.gap - 1])  # (1, 1, V)
+            return sample(logits[:, 0, :self.V], temperature, top_p, self.u_llm)
+        return self._captured(("llm", P, temperature, top_p), fn, P == 1)
+
+    def _captured(self, key, fn, compiled):
+        """fn, built once per key; the router is kept alive with it (a graph holds its weights' addresses)."""
         if key not in self.fns:
-            if kind == "slm":
-                def fn():
-                    hidden, logits = slm_step(self.slm, self.fed, self.slm_cache, self.V)  # (1, H), (1, V)
-                    return self._decide(hidden, logits, arg, temperature, top_p)
-            else:
-                def fn():
-                    start = self.llm_cache.layers[0].cumulative_length.clone()
-                    out = self.llm.base_model(input_ids=self.gap_ids[arg], past_key_values=self.llm_cache, use_cache=True)
-                    for layer in self.llm_cache.layers:  # forget the padding
-                        layer.cumulative_length.copy_(start + self.gap[0])
-                    logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, self.gap - 1])  # (1, 1, V)
-                    return sample(logits[:, 0, :self.V], temperature, top_p, self.u_llm)
-            self.fns[key] = self.router, self._capture(fn, compiled=kind == "slm" or arg == 1)
+            self.fns[key] = self.router, self._capture(fn, compiled)
         return self.fns[key][1]
 
     def _capture(self, fn, compiled):
@@ -419,17 +430,12 @@ class FastDecoder:
         if not self.graphs:
             return fn
         t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
-        layers = self.slm_cache.layers + self.llm_cache.layers
-        lengths = [layer.cumulative_length.clone() for layer in layers]
-        graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):  # compiling, autotuning and allocating happen here, not in the graph
-                fn()
+            self._warm_up(fn)
         torch.cuda.current_stream().wait_stream(stream)
-        for layer, n in zip(layers, lengths):  # the warm-up runs fed junk: forget it
-            layer.cumulative_length.copy_(n)
+        graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
         if gen is not None and gen.device.type == "cuda":  # the random baseline draws inside the graph
             graph.register_generator_state(gen)
         with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one at a time
@@ -442,15 +448,31 @@ class FastDecoder:
             return out
         return replay
 
+    def _warm_up(self, fn, times=3):
+        """Run fn `times` times (compiling, autotuning and allocating happen here, not in a graph)
+        and undo what each run changed: the caches' lengths (the slots it wrote are junk past the
+        length, never read) and the router's random draws."""
+        layers = self.slm_cache.layers + self.llm_cache.layers
+        gen = getattr(self.router, "generator", None)
+        state = gen.get_state() if gen is not None else None
+        for _ in range(times):
+            lengths = [layer.cumulative_length.clone() for layer in layers]
+            fn()
+            for layer, n in zip(layers, lengths):
+                layer.cumulative_length.copy_(n)
+        if gen is not None:
+            gen.set_state(state)
+
     def _catch_up(self, pending, temperature, top_p):
         """Step 3 on the gap `pending`: a captured bucket, or one uncaptured pass for the first
         call (it also reads the prompt) and for gaps longer than the largest bucket."""
         ids = torch.tensor([pending], device=self.llm.device)  # (1, gap)
-        if self.llm_seen and len(pending) <= self.max_bucket:
+        if self.llm_seen and len(pending) <= self.buckets[-1]:
             P = 1 << (len(pending) - 1).bit_length()
+            fn = self._llm_fn(P, temperature, top_p)  # first: building it sets self.gap
             self.gap_ids[P][:, :len(pending)] = ids
             self.gap.fill_(len(pending))
-            return self._fn("llm", P, temperature, top_p)().item()
+            return fn().item()
         return sample(catch_up(self.llm, ids, self.llm_cache)[:, :self.V], temperature, top_p, self.u_llm).item()
 
     def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0):
@@ -458,9 +480,9 @@ class FastDecoder:
         times decodes with no capture inside). Needs allocated caches: call it after a decode."""
         self.router = router
         if mode != "llm":
-            self._fn("slm", mode == "r2r", temperature, top_p)
-        for P in self.gap_ids if mode != "slm" else []:
-            self._fn("llm", P, temperature, top_p)
+            self._slm_fn(mode == "r2r", temperature, top_p)
+        for P in self.buckets if mode != "slm" else []:
+            self._llm_fn(P, temperature, top_p)
 
     @torch.no_grad()
     def decode(self, router, prompt_ids, *, max_new_tokens, mode="r2r", threshold=None, temperature=0.0, top_p=1.0,
@@ -488,7 +510,7 @@ class FastDecoder:
                     out = self._decide(hidden, logits, mode == "r2r", temperature, top_p)
                 else:
                     self.fed.fill_(trace.tokens[-1])
-                    out = self._fn("slm", mode == "r2r", temperature, top_p)()
+                    out = self._slm_fn(mode == "r2r", temperature, top_p)()
                 token, routed = out.tolist()
             # 3. LLM catch-up on the gap.
             if routed:
@@ -514,11 +536,12 @@ class FastDecoder:
 def decoder(slm, llm, *, engine, vocab_size, max_tokens, batch_size=1):
     """decode(router, prompt_ids, **options) of the engine asked: "eager" (`decode`) or "fast"
     (a FastDecoder for prompt + response up to `max_tokens`, built once here so that its graphs
-    serve every prompt); None picks fast on CUDA at batch size 1, where it pays, else eager
+    serve every prompt); None picks fast with the LLM on one GPU at batch size 1, where it pays, else eager
     (whose batches the scripts decode with `decode_batch`). Prints which engine runs."""
     if engine == "fast" and batch_size > 1:
         raise R2RError("--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager")
-    engine = engine or ("fast" if llm.device.type == "cuda" and batch_size == 1 else "eager")
+    one_gpu = llm.device.type == "cuda" and len(set(getattr(llm, "hf_device_map", {"": 0}).values())) == 1
+    engine = engine or ("fast" if one_gpu and batch_size == 1 else "eager")
     if engine == "eager":
         print("engine eager (DynamicCache, one launch per kernel)")
         return functools.partial(decode, slm, llm, vocab_size=vocab_size)

@@ -162,10 +162,10 @@ def test_evaluate_decode_all_is_the_same_at_every_batch_size(demo_pair):
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
     prompts = [r2r.encode_prompt(tok, r["prompt"]) for r in r2r.read_prompts(os.path.join(ROOT, "demo", "test.jsonl"),
                                                                                 limit=6)]
-    runs = [evaluate.decode_all(r2r.decoder(slm, llm, engine=engine, vocab_size=len(tok), max_tokens=200), slm, llm,
-                                router, tok, prompts, argparse.Namespace(batch_size=b, max_new_tokens=60),
-                                tqdm(disable=True), threshold=0.3) for engine, b in (("eager", 1), ("eager", 3),
-                                                                                     ("fast", 1))]
+    runs = [evaluate.decode_all(prompts, router, argparse.Namespace(batch_size=b, max_new_tokens=60),
+                                tqdm(disable=True), slm=slm, llm=llm, tok=tok, threshold=0.3,
+                                decode=r2r.decoder(slm, llm, engine=engine, vocab_size=len(tok), max_tokens=200))
+            for engine, b in (("eager", 1), ("eager", 3), ("fast", 1))]
     assert len({tuple((tuple(t.tokens), tuple(t.from_llm)) for t in run) for run in runs}) == 1
     assert len({len(p) for p in prompts}) > 1 and sum(sum(t.from_llm) for t in runs[0]) > 0
 

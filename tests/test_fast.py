@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 import generate
 import r2r
@@ -177,3 +178,51 @@ def test_router_loads_onto_the_device_asked(demo_pair):
     slm, _, tok = demo_pair
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok, "meta")
     assert {p.device.type for p in router.parameters()} == {"meta"}
+
+
+def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
+    """What CUDA capture runs first (FastDecoder._warm_up): a function called three times, each
+    call undone. With the caches at the end of their buffers, the largest catch-up bucket must
+    still fit every time, and the random baseline's draws must not move (routing would leave
+    eager's). Then the engine still decodes as eager does, random router included."""
+    slm, llm = pair
+    ids, n = r2r.encode_prompt(tok, PROMPT), 24
+
+    def router():
+        return r2r.ConfidenceRouter("random", 5, 0.4, torch.Generator().manual_seed(0))
+
+    fast = engine(slm, llm, tok, max_tokens=len(ids) + n)
+    fast.decode(router(), ids, max_new_tokens=n, eos=set())
+    layers = fast.slm_cache.layers + fast.llm_cache.layers
+    lengths = [int(layer.cumulative_length) for layer in layers]
+    assert lengths[0] == len(ids) + n - 1 and lengths[-1] >= len(ids) + n - 3, "the test needs full buffers"
+    state = fast.router.generator.get_state()
+    for P in fast.buckets:
+        fast._warm_up(fast._llm_fn(P, 0.0, 1.0))
+    fast._warm_up(fast._slm_fn(True, 0.0, 1.0))
+    assert [int(layer.cumulative_length) for layer in layers] == lengths
+    assert torch.equal(fast.router.generator.get_state(), state)
+    eager = r2r.decode(slm, llm, router(), ids, vocab_size=len(tok), max_new_tokens=n, eos=set())
+    got = fast.decode(router(), ids, max_new_tokens=n, eos=set())
+    assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    assert 0 < sum(got.from_llm) < n
+
+
+def test_max_bucket_that_is_not_a_power_of_two(pair, tok):
+    """max_bucket 6: buckets 1, 2, 4; the gaps of 5 and 6 run uncaptured."""
+    slm, llm = pair
+    ids = r2r.encode_prompt(tok, PROMPT)
+    fast = r2r.FastDecoder(slm, llm, vocab_size=len(tok), max_tokens=120, max_bucket=6)
+    eager = r2r.decode(slm, llm, ScheduleRouter(), ids, vocab_size=len(tok), max_new_tokens=30, eos=set())
+    got = fast.decode(ScheduleRouter(), ids, max_new_tokens=30, eos=set())
+    assert fast.buckets == [1, 2, 4] and {5, 6} <= set(got.catch_up)
+    assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+
+
+def test_sliding_window_models_are_refused_in_one_line(tok):
+    """Their static cache layers also count in Python ints that the engine cannot reset."""
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, sliding_window=8)
+    model = MistralForCausalLM(config).eval()
+    with pytest.raises(r2r.R2RError, match="sliding-window layers"):
+        r2r.FastDecoder(model, model, vocab_size=len(tok), max_tokens=50)

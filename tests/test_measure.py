@@ -47,3 +47,5 @@ def test_bench_published_pair_path_on_tiny_configs(monkeypatch, capsys):
     out = capsys.readouterr().out
     share = float(out.split("LLM share ")[1].split("%")[0])
     assert 20 < share < 80  # the random router's share, over 32 tokens
+    # Each engine starts the random router from the same seed: the same routing, the same tokens.
+    assert "fast vs eager, r2r: 100.0% identical, first difference at token none" in out

@@ -87,7 +87,8 @@ def test_evaluate_single_model_rows_equal_generate_modes(penalised, tok, capsys)
     prompts = [r2r.encode_prompt(tok2, r["prompt"]) for r in rows]
     for mode, engine in (("slm", "eager"), ("llm", "eager"), ("llm", "fast")):
         decode = r2r.decoder(slm, llm, engine=engine, vocab_size=len(tok2), max_tokens=200)
-        traces = evaluate.decode_all(decode, slm, llm, None, tok2, prompts, args, tqdm(disable=True), mode=mode)
+        traces = evaluate.decode_all(prompts, None, args, tqdm(disable=True), decode=decode, slm=slm, llm=llm, tok=tok2,
+                                     mode=mode)
         oracle = generate_tokens(["--slm", penalised["slm"], "--llm", penalised["llm"], "--mode", mode,
                                   "--max-new-tokens", "24", "--prompts-file", penalised["prompts"]], capsys)
         assert [t.tokens for t in traces] == oracle, (mode, engine)
