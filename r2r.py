@@ -4,7 +4,8 @@ r2r.py: everything the R2R scripts share ("Roads to Rome", arXiv 2505.21600).
 label.py, train_router.py, generate.py, evaluate.py and bench.py import this module and
 nothing else of ours.
 Read top to bottom, it is the method first: the model steps and the router's features, the
-router (an MLP) and its baselines, the mixed decoding loop. The plumbing comes last: the
+router (an MLP) and its baselines, the mixed decoding loop (eager, batched, and the fast engine
+over static caches and CUDA graphs). The plumbing comes last: the
 command line, device and dtype, loading a pair, prompts and the answer rule. It does not
 label, train or print reports; the scripts do.
 """
