@@ -107,7 +107,7 @@ def run_engine(slm, llm, router, prompts, engine, args, *, vocab_size, **kw):
         torch.cuda.reset_peak_memory_stats(slm.device)
     results = {}
     for mode in ("slm", "llm", "r2r"):
-        decode(router, prompts[0], max_new_tokens=8, mode=mode, **kw)  # warm-up
+        decode(router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw)  # warm-up
         if fast is not None:
             fast.prepare(router, mode=mode)  # every graph captured before the clock runs
         traces = [decode(router, p, max_new_tokens=args.max_new_tokens, mode=mode, **kw) for p in prompts]
@@ -201,6 +201,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="print the batch-size table instead "
                    "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)")
+    p.add_argument("--memory-snapshot", default=None, help="CUDA: record every allocation and write a snapshot to "
+                   "this .pickle at the end, or when memory runs out (open it at pytorch.org/memory_viz)")
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
     if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, *sizes) < 1:
@@ -226,7 +228,14 @@ def main(argv=None):
     if args.batch_sizes:
         return batch_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos)
 
-    engine_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos, generator=gen)
+    if args.memory_snapshot and device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        engine_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos, generator=gen)
+    finally:  # an out-of-memory error is when the snapshot is most wanted
+        if args.memory_snapshot and device.type == "cuda":
+            torch.cuda.memory._dump_snapshot(args.memory_snapshot)
+            print(f"memory snapshot written to {args.memory_snapshot}")
 
 
 if __name__ == "__main__":
