@@ -537,17 +537,25 @@ class FastDecoder:
 def decoder(slm, llm, *, engine, vocab_size, max_tokens, batch_size=1):
     """decode(router, prompt_ids, **options) of the engine asked: "eager" (`decode`) or "fast"
     (a FastDecoder for prompt + response up to `max_tokens`, built once here so that its graphs
-    serve every prompt); None picks fast with the LLM on one GPU at batch size 1, where it pays, else eager
-    (whose batches the scripts decode with `decode_batch`). Prints which engine runs."""
+    serve every prompt). None picks fast where it pays and fits: the LLM on one GPU, batch size
+    1, and weights under 1/2.5 of the GPU's memory (the fast engine peaked at 2.3x the weights
+    on an H100: README, "Two engines"); else eager, whose batches the scripts decode with
+    `decode_batch`. Prints which engine runs and why."""
     if engine == "fast" and batch_size > 1:
         raise R2RError("--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager")
-    one_gpu = llm.device.type == "cuda" and len(set(getattr(llm, "hf_device_map", {"": 0}).values())) == 1
-    engine = engine or ("fast" if one_gpu and batch_size == 1 else "eager")
+    why = "as asked"
+    if engine is None:
+        one_gpu = llm.device.type == "cuda" and len(set(getattr(llm, "hf_device_map", {"": 0}).values())) == 1
+        weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
+        fits = one_gpu and 2.5 * weights < torch.cuda.get_device_properties(llm.device).total_memory
+        engine = "fast" if fits and batch_size == 1 else "eager"
+        why = "the default" if fits or not one_gpu else "the fast engine needs about 2.5x the weights' memory"
     if engine == "eager":
-        print("engine eager (DynamicCache, one launch per kernel)")
+        print(f"engine eager (DynamicCache, one launch per kernel; {why})")
         return functools.partial(decode, slm, llm, vocab_size=vocab_size)
     fast = FastDecoder(slm, llm, vocab_size=vocab_size, max_tokens=max_tokens)
-    print(f"engine fast (StaticCache, {'CUDA graphs, compiled one-token steps' if fast.graphs else 'no graphs off CUDA'})")
+    how = "CUDA graphs, compiled one-token steps" if fast.graphs else "no graphs off CUDA"
+    print(f"engine fast (StaticCache, {how}; {why})")
     return fast.decode
 
 
