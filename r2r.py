@@ -507,7 +507,8 @@ class FastDecoder:
                 if temperature:
                     self.u_slm.copy_(uniform(generator, self.u_slm.device))
                 if n == 0:
-                    hidden, logits = slm_step(self.slm, torch.tensor([prompt_ids], device=self.slm.device), self.slm_cache, self.V)
+                    prompt = torch.tensor([prompt_ids], device=self.slm.device)  # (1, T)
+                    hidden, logits = slm_step(self.slm, prompt, self.slm_cache, self.V)
                     out = self._decide(hidden, logits, mode == "r2r", temperature, top_p)
                 else:
                     self.fed.fill_(trace.tokens[-1])
@@ -537,26 +538,40 @@ class FastDecoder:
 def decoder(slm, llm, *, engine, vocab_size, max_tokens, batch_size=1):
     """decode(router, prompt_ids, **options) of the engine asked: "eager" (`decode`) or "fast"
     (a FastDecoder for prompt + response up to `max_tokens`, built once here so that its graphs
-    serve every prompt). None picks fast where it pays and fits: the LLM on one GPU, batch size
-    1, and weights under 1/2.5 of the GPU's memory (the fast engine peaked at 2.3x the weights
-    on an H100: README, "Two engines"); else eager, whose batches the scripts decode with
-    `decode_batch`. Prints which engine runs and why."""
+    serve every prompt). None picks fast where it pays and fits (`eager_because`), else eager,
+    whose batches the scripts decode with `decode_batch`. Prints which engine runs and why."""
     if engine == "fast" and batch_size > 1:
         raise R2RError("--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager")
-    why = "as asked"
-    if engine is None:
-        one_gpu = llm.device.type == "cuda" and len(set(getattr(llm, "hf_device_map", {"": 0}).values())) == 1
-        weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
-        fits = one_gpu and 2.5 * weights < torch.cuda.get_device_properties(llm.device).total_memory
-        engine = "fast" if fits and batch_size == 1 else "eager"
-        why = "the default" if fits or not one_gpu else "the fast engine needs about 2.5x the weights' memory"
-    if engine == "eager":
-        print(f"engine eager (DynamicCache, one launch per kernel; {why})")
-        return functools.partial(decode, slm, llm, vocab_size=vocab_size)
-    fast = FastDecoder(slm, llm, vocab_size=vocab_size, max_tokens=max_tokens)
-    how = "CUDA graphs, compiled one-token steps" if fast.graphs else "no graphs off CUDA"
-    print(f"engine fast (StaticCache, {how}; {why})")
-    return fast.decode
+    why = "as asked" if engine else eager_because(slm, llm, batch_size)
+    if engine == "fast" or why is None:
+        try:
+            fast = FastDecoder(slm, llm, vocab_size=vocab_size, max_tokens=max_tokens)
+        except R2RError as e:
+            if engine:
+                raise
+            why = str(e).split(":")[0]  # a model it refuses: say which
+        else:
+            how = "CUDA graphs, compiled one-token steps" if fast.graphs else "no graphs off CUDA"
+            print(f"engine fast (StaticCache, {how}; {why or 'the default'})")
+            return fast.decode
+    print(f"engine eager (DynamicCache, one launch per kernel; {why})")
+    return functools.partial(decode, slm, llm, vocab_size=vocab_size)
+
+
+def eager_because(slm, llm, batch_size):
+    """Why the default engine is eager here, or None where the fast engine pays and fits: the
+    LLM on one GPU, one prompt at a time, and the weights under 1/2.5 of the GPU's memory (the
+    fast engine peaked at 2.3x the weights on an H100: README, "Two engines")."""
+    if batch_size > 1:
+        return "batches decode eager"
+    if llm.device.type != "cuda":
+        return "the fast engine pays with CUDA graphs"
+    if len(set(getattr(llm, "hf_device_map", {"": 0}).values())) > 1:
+        return "the LLM spans several GPUs"
+    weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
+    if 2.5 * weights > torch.cuda.get_device_properties(llm.device).total_memory:
+        return "the fast engine needs about 2.5x the weights' memory"
+    return None
 
 
 def activated_params(trace, p_slm, p_llm):
@@ -601,8 +616,8 @@ def add_common_args(p, router=True, prompts=None, split="train", engine=False):
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, without the chat template")
     if engine:
         p.add_argument("--engine", choices=["eager", "fast"], default=None, help="eager: the reference loop, any batch "
-                       "size; fast: static caches, CUDA graphs, compiled steps, one prompt at a time, same tokens "
-                       "(default: fast on CUDA, eager elsewhere)")
+                       "size; fast: static caches, CUDA graphs, compiled steps, one prompt at a time, the same tokens in "
+                       "fp32 (default: fast with the LLM on one GPU at batch size 1 where memory allows, else eager)")
     if prompts:
         p.add_argument("--prompts", default=os.path.join(DEMO, prompts), help=".txt, .json, .jsonl file or hub dataset")
         p.add_argument("--split", default=split, help="split of a hub dataset")

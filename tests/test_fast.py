@@ -219,10 +219,14 @@ def test_max_bucket_that_is_not_a_power_of_two(pair, tok):
     assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
 
 
-def test_sliding_window_models_are_refused_in_one_line(tok):
+def test_sliding_window_models_are_refused_in_one_line(tok, monkeypatch, capsys):
     """Their static cache layers also count in Python ints that the engine cannot reset."""
     config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=2, sliding_window=8)
     model = MistralForCausalLM(config).eval()
     with pytest.raises(r2r.R2RError, match="sliding-window layers"):
         r2r.FastDecoder(model, model, vocab_size=len(tok), max_tokens=50)
+    # Where the fast engine would be the default, such a pair decodes eager instead, saying why.
+    monkeypatch.setattr(r2r, "eager_because", lambda *args: None)
+    decode = r2r.decoder(model, model, engine=None, vocab_size=len(tok), max_tokens=50)
+    assert decode.func is r2r.decode and "eager" in capsys.readouterr().out.split("sliding-window")[0]
