@@ -391,100 +391,6 @@ class FastDecoder:
         self.fns, self.setup_seconds = {}, 0.0
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
-    def _decide(self, hidden, logits, route, temperature, top_p):
-        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V): (2,) = candidate, routed."""
-        token = sample(logits, temperature, top_p, self.u_slm)  # (1,)
-        if not route:
-            return torch.cat([token, torch.zeros_like(token)])
-        score = torch.sigmoid(self.router(*router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])))
-        return torch.cat([token, (score.to(self.threshold) >= self.threshold).long()])
-
-    def _slm_fn(self, route, temperature, top_p):
-        """Steps 1-2 for the token in self.fed, as one captured function: (2,) = candidate, routed."""
-        def fn():
-            hidden, logits = slm_step(self.slm, self.fed, self.slm_cache, self.V)  # (1, H), (1, V)
-            return self._decide(hidden, logits, route, temperature, top_p)
-        return self._captured(("slm", route, temperature, top_p, id(self.router) if route else None), fn, True)
-
-    def _llm_fn(self, P, temperature, top_p):
-        """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P: the LLM's token (1,)."""
-        self.gap.fill_(P)  # any gap <= P is valid while capturing; the caller sets the real one after
-
-        def fn():
-            start = self.llm_cache.layers[0].cumulative_length.clone()
-            out = self.llm.base_model(input_ids=self.gap_ids[P], past_key_values=self.llm_cache, use_cache=True)
-            for layer in self.llm_cache.layers:  # forget the padding
-                layer.cumulative_length.copy_(start + self.gap[0])
-            logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, self.gap - 1])  # (1, 1, V)
-            return sample(logits[:, 0, :self.V], temperature, top_p, self.u_llm)
-        return self._captured(("llm", P, temperature, top_p), fn, P == 1)
-
-    def _captured(self, key, fn, compiled):
-        """fn, built once per key; the router is kept alive with it (a graph holds its weights' addresses)."""
-        if key not in self.fns:
-            self.fns[key] = self.router, self._capture(fn, compiled)
-        return self.fns[key][1]
-
-    def _capture(self, fn, compiled):
-        """fn as a CUDA graph replayed on each call (compiled first if `compiled`), or fn itself off CUDA.
-        The models keep their attention (SDPA): exact under capture, where flex attention was not."""
-        if not self.graphs:
-            return fn
-        t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._warm_up(fn)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
-        if gen is not None and gen.device.type == "cuda":  # the random baseline draws inside the graph
-            graph.register_generator_state(gen)
-        with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one at a time
-            out = fn()
-        torch.cuda.synchronize()
-        self.setup_seconds += time.perf_counter() - t0
-
-        def replay():
-            graph.replay()
-            return out
-        return replay
-
-    def _warm_up(self, fn, times=3):
-        """Run fn `times` times (compiling, autotuning and allocating happen here, not in a graph)
-        and undo what each run changed: the caches' lengths (the slots it wrote are junk past the
-        length, never read) and the router's random draws."""
-        layers = self.slm_cache.layers + self.llm_cache.layers
-        gen = getattr(self.router, "generator", None)
-        state = gen.get_state() if gen is not None else None
-        for _ in range(times):
-            lengths = [layer.cumulative_length.clone() for layer in layers]
-            fn()
-            for layer, n in zip(layers, lengths):
-                layer.cumulative_length.copy_(n)
-        if gen is not None:
-            gen.set_state(state)
-
-    def _catch_up(self, pending, temperature, top_p):
-        """Step 3 on the gap `pending`: a captured bucket, or one uncaptured pass for the first
-        call (it also reads the prompt) and for gaps longer than the largest bucket."""
-        ids = torch.tensor([pending], device=self.llm.device)  # (1, gap)
-        if self.llm_seen and len(pending) <= self.buckets[-1]:
-            P = 1 << (len(pending) - 1).bit_length()
-            fn = self._llm_fn(P, temperature, top_p)  # first: building it sets self.gap
-            self.gap_ids[P][:, :len(pending)] = ids
-            self.gap.fill_(len(pending))
-            return fn().item()
-        return sample(catch_up(self.llm, ids, self.llm_cache)[:, :self.V], temperature, top_p, self.u_llm).item()
-
-    def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0):
-        """Capture every function a decode in `mode` can use now, not at its first use (bench.py
-        times decodes with no capture inside). Needs allocated caches: call it after a decode."""
-        self.router = router
-        if mode != "llm":
-            self._slm_fn(mode == "r2r", temperature, top_p)
-        for P in self.buckets if mode != "slm" else []:
-            self._llm_fn(P, temperature, top_p)
-
     @torch.no_grad()
     def decode(self, router, prompt_ids, *, max_new_tokens, mode="r2r", threshold=None, temperature=0.0, top_p=1.0,
                generator=None, eos=None, on_step=None):
@@ -533,6 +439,100 @@ class FastDecoder:
             torch.cuda.synchronize()
         trace.seconds = time.perf_counter() - t0
         return trace
+
+    def _decide(self, hidden, logits, route, temperature, top_p):
+        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V): (2,) = candidate, routed."""
+        token = sample(logits, temperature, top_p, self.u_slm)  # (1,)
+        if not route:
+            return torch.cat([token, torch.zeros_like(token)])
+        score = torch.sigmoid(self.router(*router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])))
+        return torch.cat([token, (score.to(self.threshold) >= self.threshold).long()])
+
+    def _slm_fn(self, route, temperature, top_p):
+        """Steps 1-2 for the token in self.fed, as one captured function: (2,) = candidate, routed."""
+        def fn():
+            hidden, logits = slm_step(self.slm, self.fed, self.slm_cache, self.V)  # (1, H), (1, V)
+            return self._decide(hidden, logits, route, temperature, top_p)
+        return self._captured(("slm", route, temperature, top_p, id(self.router) if route else None), fn, True)
+
+    def _catch_up(self, pending, temperature, top_p):
+        """Step 3 on the gap `pending`: a captured bucket, or one uncaptured pass for the first
+        call (it also reads the prompt) and for gaps longer than the largest bucket."""
+        ids = torch.tensor([pending], device=self.llm.device)  # (1, gap)
+        if self.llm_seen and len(pending) <= self.buckets[-1]:
+            P = 1 << (len(pending) - 1).bit_length()
+            fn = self._llm_fn(P, temperature, top_p)  # first: building it sets self.gap
+            self.gap_ids[P][:, :len(pending)] = ids
+            self.gap.fill_(len(pending))
+            return fn().item()
+        return sample(catch_up(self.llm, ids, self.llm_cache)[:, :self.V], temperature, top_p, self.u_llm).item()
+
+    def _llm_fn(self, P, temperature, top_p):
+        """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P: the LLM's token (1,)."""
+        self.gap.fill_(P)  # any gap <= P is valid while capturing; the caller sets the real one after
+
+        def fn():
+            start = self.llm_cache.layers[0].cumulative_length.clone()
+            out = self.llm.base_model(input_ids=self.gap_ids[P], past_key_values=self.llm_cache, use_cache=True)
+            for layer in self.llm_cache.layers:  # forget the padding
+                layer.cumulative_length.copy_(start + self.gap[0])
+            logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, self.gap - 1])  # (1, 1, V)
+            return sample(logits[:, 0, :self.V], temperature, top_p, self.u_llm)
+        return self._captured(("llm", P, temperature, top_p), fn, P == 1)
+
+    def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0):
+        """Capture every function a decode in `mode` can use now, not at its first use (bench.py
+        times decodes with no capture inside). Needs allocated caches: call it after a decode."""
+        self.router = router
+        if mode != "llm":
+            self._slm_fn(mode == "r2r", temperature, top_p)
+        for P in self.buckets if mode != "slm" else []:
+            self._llm_fn(P, temperature, top_p)
+
+    def _captured(self, key, fn, compiled):
+        """fn, built once per key; the router is kept alive with it (a graph holds its weights' addresses)."""
+        if key not in self.fns:
+            self.fns[key] = self.router, self._capture(fn, compiled)
+        return self.fns[key][1]
+
+    def _capture(self, fn, compiled):
+        """fn as a CUDA graph replayed on each call (compiled first if `compiled`), or fn itself off CUDA.
+        The models keep their attention (SDPA): exact under capture, where flex attention was not."""
+        if not self.graphs:
+            return fn
+        t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._warm_up(fn)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
+        if gen is not None and gen.device.type == "cuda":  # the random baseline draws inside the graph
+            graph.register_generator_state(gen)
+        with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one at a time
+            out = fn()
+        torch.cuda.synchronize()
+        self.setup_seconds += time.perf_counter() - t0
+
+        def replay():
+            graph.replay()
+            return out
+        return replay
+
+    def _warm_up(self, fn, times=3):
+        """Run fn `times` times (compiling, autotuning and allocating happen here, not in a graph)
+        and undo what each run changed: the caches' lengths (the slots it wrote are junk past the
+        length, never read) and the router's random draws."""
+        layers = self.slm_cache.layers + self.llm_cache.layers
+        gen = getattr(self.router, "generator", None)
+        state = gen.get_state() if gen is not None else None
+        for _ in range(times):
+            lengths = [layer.cumulative_length.clone() for layer in layers]
+            fn()
+            for layer, n in zip(layers, lengths):
+                layer.cumulative_length.copy_(n)
+        if gen is not None:
+            gen.set_state(state)
 
 
 def decoder(slm, llm, *, engine, vocab_size, max_tokens, batch_size=1):
