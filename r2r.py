@@ -480,6 +480,7 @@ class FastDecoder:
             return sample(logits[:, 0, :self.V], temperature, top_p, self.u_llm)
         return self._captured(("llm", P, temperature, top_p), fn, P == 1)
 
+    @torch.no_grad()  # captured and compiled for inference, as decode runs them
     def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0):
         """Capture every function a decode in `mode` can use now, not at its first use (bench.py
         times decodes with no capture inside). Needs allocated caches: call it after a decode."""

@@ -230,3 +230,16 @@ def test_sliding_window_models_are_refused_in_one_line(tok, monkeypatch, capsys)
     monkeypatch.setattr(r2r, "eager_because", lambda *args: None)
     decode = r2r.decoder(model, model, engine=None, vocab_size=len(tok), max_tokens=50)
     assert decode.func is r2r.decode and "eager" in capsys.readouterr().out.split("sliding-window")[0]
+
+
+def test_prepare_builds_every_function_without_autograd(pair, tok, monkeypatch):
+    """bench.py calls prepare() outside any no_grad block; what it captures and compiles must
+    still be inference (a graph captured with autograd on records it, and keeps what it saves)."""
+    slm, llm = pair
+    fast = engine(slm, llm, tok)
+    fast.decode(ScheduleRouter(), r2r.encode_prompt(tok, PROMPT), max_new_tokens=4, eos=set())
+    grad_modes = []
+    monkeypatch.setattr(fast, "_capture", lambda fn, compiled: grad_modes.append(torch.is_grad_enabled()) or fn)
+    fast.fns.clear()
+    fast.prepare(ScheduleRouter(), mode="r2r")
+    assert len(grad_modes) == 1 + len(fast.buckets) and not any(grad_modes)
