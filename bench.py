@@ -6,7 +6,7 @@ that the weights' bytes set.
     python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
     python bench.py --batch-sizes 1 2 4 8 16          # R2R against LLM only as the batch grows
 
-For each engine (eager: r2r.decode; fast: r2r.FastDecoder) and each of SLM only, LLM only
+For each engine (r2r.EagerEngine; fast.FastEngine) and each of SLM only, LLM only
 and R2R it decodes the same prompts and reports ms per new token; R2R's speedup over LLM only
 in the same engine and over eager LLM only; the floor, weight bytes over a memory bandwidth
 measured in the same run (a decode step reads every weight once), and measured / floor; the
@@ -20,12 +20,12 @@ With --batch-sizes it prints instead, for each batch size B, the tokens per seco
 LLM only and R2R (r2r.decode_batch for all three), and how many steps called the LLM: a
 batch calls it when any of its rows is routed, 1-(1-s)^B of the steps at an LLM share s.
 """
-import argparse
 import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import fast
 import r2r
 
 # Published configs (the fields that set a model's cost): random weights at real size,
@@ -66,9 +66,17 @@ def timed(fn, device, reps):
     return (time.perf_counter() - t) / reps
 
 
+class Vocab:
+    """What the engines read of a tokenizer, for random-weight pairs that decode no text: its
+    length (151,643 ids for these Qwen families) and no EOS."""
+    eos_token_id = None
+
+    def __len__(self):
+        return 151643
+
+
 def random_pair(name, device, dtype):
-    """SLM and LLM of a published pair with random weights, and the shared tokenizer's
-    length (151,643 ids for these Qwen families; no text is decoded)."""
+    """SLM and LLM of a published pair with random weights, and a stand-in for their tokenizer."""
     models = []
     for key in PAIRS[name]:
         torch.manual_seed(0)
@@ -76,7 +84,7 @@ def random_pair(name, device, dtype):
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device(device):
             models.append(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
-    return models[0], models[1], 151643
+    return models[0], models[1], Vocab()
 
 
 def bandwidth(device):
@@ -95,27 +103,25 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters()) - unread
 
 
-def run_engine(slm, llm, router, prompts, engine, args, *, vocab_size, **kw):
+def run_engine(slm, llm, tok, router, prompts, kind, args, **kw):
     """SLM only, LLM only and R2R through one engine: per mode (traces, ms per token), the
     engine's capture/compile seconds and its peak GPU memory."""
-    decode = r2r.decoder(slm, llm, engine=engine, vocab_size=vocab_size,
-                         max_tokens=max(map(len, prompts)) + args.max_new_tokens)
-    fast = getattr(decode, "__self__", None)  # the FastDecoder behind a fast engine
+    engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max(map(len, prompts)) + args.max_new_tokens)
     if getattr(router, "generator", None) is not None:
         router.generator.manual_seed(0)  # both engines route with the same draws
     if slm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slm.device)
     results = {}
     for mode in ("slm", "llm", "r2r"):
-        decode(router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw)  # warm-up
-        if fast is not None:
-            fast.prepare(router, mode=mode)  # every graph captured before the clock runs
-        traces = [decode(router, p, max_new_tokens=args.max_new_tokens, mode=mode, **kw) for p in prompts]
+        r2r.decode(engine, router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw)  # warm-up
+        if kind == "fast":
+            engine.prepare(router, mode=mode)  # every graph captured before the clock runs
+        traces = [r2r.decode(engine, router, p, max_new_tokens=args.max_new_tokens, mode=mode, **kw) for p in prompts]
         n = sum(len(t.tokens) for t in traces)
         results[mode] = traces, 1000 * sum(t.seconds for t in traces) / n
-        print(f"  {engine} {mode}: {results[mode][1]:.2f} ms/token", flush=True)
+        r2r.status(f"  {kind} {mode}: {results[mode][1]:.2f} ms/token")
     peak = f"{torch.cuda.max_memory_allocated(slm.device) / 2**30:.1f}" if slm.device.type == "cuda" else "-"
-    return results, getattr(fast, "setup_seconds", 0.0), peak
+    return results, getattr(engine, "setup_seconds", 0.0), peak
 
 
 def agreement(a, b):
@@ -125,12 +131,12 @@ def agreement(a, b):
     return sum(x == y for x, y in pairs) / max(len(pairs), 1), "none" if first is None else first
 
 
-def engine_table(slm, llm, router, prompts, args, **kw):
+def engine_table(slm, llm, tok, router, prompts, args, **kw):
     """Both engines side by side (README, "Two engines"): ms per token against the floor that
     weight bytes over the measured bandwidth give, speedups, setup cost, memory, agreement."""
     bw = bandwidth(slm.device)
     floor = {"slm": weight_bytes(slm) / bw * 1e3, "llm": weight_bytes(llm) / bw * 1e3}
-    runs = {e: run_engine(slm, llm, router, prompts, e, args, **kw) for e in args.engines}
+    runs = {e: run_engine(slm, llm, tok, router, prompts, e, args, **kw) for e in args.engines}
     traces = runs[args.engines[-1]][0]["r2r"][0]
     n = sum(len(t.tokens) for t in traces)
     share = sum(sum(t.from_llm) for t in traces) / n
@@ -161,7 +167,7 @@ def engine_table(slm, llm, router, prompts, args, **kw):
                   f"token {first}")
 
 
-def batch_table(slm, llm, router, prompts, args, **kw):
+def batch_table(slm, llm, tok, router, prompts, args, **kw):
     """The batch-size curve: for each B, tokens per second of every mode over the same
     prompts, B at a time, and the share of R2R's steps that called the LLM."""
     print("| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
@@ -169,8 +175,9 @@ def batch_table(slm, llm, router, prompts, args, **kw):
     for B in args.batch_sizes:
         speed = {}
         for mode in ("slm", "llm", "r2r"):
-            r2r.decode_batch(slm, llm, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)  # warm-up
-            runs = [r2r.decode_batch(slm, llm, router, prompts[i:i + B], max_new_tokens=args.max_new_tokens,
+            engine = r2r.EagerEngine(slm, llm, tok)
+            r2r.decode_batch(engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)  # warm-up
+            runs = [r2r.decode_batch(engine, router, prompts[i:i + B], max_new_tokens=args.max_new_tokens,
                                      mode=mode, **kw) for i in range(0, len(prompts), B)]
             traces = [t for run in runs for t in run.traces]
             n = sum(len(t.tokens) for t in traces)
@@ -188,10 +195,10 @@ def batch_table(slm, llm, router, prompts, args, **kw):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = r2r.parser(__doc__)
     r2r.add_common_args(p, prompts="test.jsonl", split="test")
     p.add_argument("--engines", nargs="+", choices=["eager", "fast"], default=["eager", "fast"],
-                   help="engines to run side by side (r2r.decode and r2r.FastDecoder)")
+                   help="engines to run side by side (r2r.EagerEngine and fast.FastEngine)")
     p.add_argument("--pair", default=None, choices=list(PAIRS),
                    help="instead of --slm/--llm/--router: random weights of a published pair")
     p.add_argument("--share", type=float, default=0.13, help="LLM share of the random router (published pairs)")
@@ -212,26 +219,25 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
         slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
-        vocab = len(tok)
         router = r2r.load_router(args.router, slm, tok, device)
         rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
         prompts, eos = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows], None
     else:
-        slm, llm, vocab = random_pair(args.pair, device, dtype)
+        slm, llm, tok = random_pair(args.pair, device, dtype)
         router = r2r.ConfidenceRouter("random", 100, 1 - args.share, gen)
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
+        prompts = [torch.randint(0, len(tok), (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
         eos = set()  # random weights: decode exactly --max-new-tokens
     batch = "batch sizes " + " ".join(map(str, sizes)) if args.batch_sizes else "batch size 1"
     print(f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
           f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, {batch}")
     if args.batch_sizes:
-        return batch_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos)
+        return batch_table(slm, llm, tok, router, prompts, args, eos=eos)
 
     if args.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     try:
-        engine_table(slm, llm, router, prompts, args, vocab_size=vocab, eos=eos, generator=gen)
+        engine_table(slm, llm, tok, router, prompts, args, eos=eos, generator=gen)
     finally:  # an out-of-memory error is when the snapshot is most wanted
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(args.memory_snapshot)

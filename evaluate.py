@@ -13,18 +13,53 @@ to LLM-only decoding, and the share of final answers that differ from LLM-only's
 Prints a Markdown table; --out writes the rows (JSON or CSV), --plot draws them
 (matplotlib, optional). Greedy decoding throughout.
 """
-import argparse
 import csv
 import json
 import os
+import re
 
 import torch
 from tqdm import tqdm
 
+import fast
 import r2r
 
 FIELDS = ["method", "threshold", "share", "acc", "acc_lo", "acc_hi", "identical", "flipped", "params", "n"]
 
+
+# ----------------------------------------------------------------------------- answers
+
+def reference_answer(a):
+    """A dataset's answer read as a response's: "\\boxed{\\dfrac{1}{2}}" -> "\\frac{1}{2}", 7793 -> "7793"."""
+    return None if a is None else extract_answer(str(a)) if "\\boxed{" in str(a) else normalize_answer(str(a))
+
+
+def extract_answer(text):
+    """The final answer of a response, or None: the last \\boxed{...}, braces balanced at any depth,
+    normalised; else a number closing the text after "so"/"thus"/"answer" (the demo task), spaces
+    between digits dropped: "... so 7 7 9 3" -> "7793"."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, open_at = 0, start + len("\\boxed")
+        for i in range(open_at, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return normalize_answer(text[open_at + 1:i])
+        return None  # the box never closes: a response cut short
+    m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
+    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
+
+
+def normalize_answer(s):
+    """One spelling per answer: "$\\dfrac{1}{2}$." -> "\\frac{1}{2}", "\\left( 1, 2 \\right)" ->
+    "(1,2)", "5\\text{ cm}" -> "5", "50\\%" -> "50"."""
+    s = re.sub(r"\\[dt]frac", r"\\frac", s.strip().strip("$").rstrip(".").strip("$"))
+    s = re.sub(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;:! ]|\^\{?\\circ\}?|\\?%", "", s)
+    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)  # a unit after the value
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    return re.sub(r"\s+", "", s).rstrip(".")
+
+# ----------------------------------------------------------------------------- the table
 
 def bootstrap_ci(correct, n_boot=1000, seed=0):
     """95% percentile bootstrap interval of the accuracy: resample the problems with
@@ -40,32 +75,31 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
     `identical` is the share of responses equal to them token for token, `flipped` the share
     of problems whose final answer differs from theirs."""
     def answers(ts):
-        return [r2r.extract_answer(tok.decode(t.tokens, skip_special_tokens=True)) for t in ts]
+        return [extract_answer(tok.decode(t.tokens, skip_special_tokens=True)) for t in ts]
     mine, llm = answers(traces), answers(reference)
-    correct = [a == r["answer"] for a, r in zip(mine, rows)]
-    n, n_llm = sum(len(t.tokens) for t in traces), sum(sum(t.from_llm) for t in traces)
-    params = sum(r2r.activated_params(t, p_slm, p_llm) * len(t.tokens) for t in traces) / max(n, 1)
+    correct = [a == reference_answer(r["answer"]) for a, r in zip(mine, rows)]
     lo, hi = bootstrap_ci(correct)
     identical = sum(t.tokens == r.tokens for t, r in zip(traces, reference))
-    return dict(method=name, threshold=threshold, share=n_llm / max(n, 1), acc=sum(correct) / len(rows),
-                acc_lo=lo, acc_hi=hi, identical=identical / len(rows),
-                flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows), params=params, n=len(rows))
+    run = r2r.Trace.join(traces)
+    return dict(method=name, threshold=threshold, share=run.llm_share, acc=sum(correct) / len(rows),
+                acc_lo=lo, acc_hi=hi, identical=identical / len(rows), flipped=sum(a != b for a, b in zip(mine, llm))
+                / len(rows), params=run.activated_params(p_slm, p_llm), n=len(rows))
 
 
-def decode_all(prompts, router, args, bar, *, decode, slm, llm, tok, **kw):
-    """Decodes of every prompt, --batch-size at a time (r2r.decode_batch; each row equals
-    its own batch-1 decode, tests/test_batch.py, except under the random baseline, whose one
-    generator is drawn in batch order), or one by one with `decode`, the engine's batch-1
-    decode; `bar` counts the prompts. A batch takes prompts of similar length, which on the
-    demo task means responses of similar length, so it ends soon after most of its rows."""
+def decode_all(engine, router, prompts, args, bar, **kw):
+    """Decodes of every prompt, --batch-size at a time (r2r.decode_batch; each row equals its own
+    batch-1 decode, tests/test_batch.py, except under the random baseline, whose one generator is
+    drawn in batch order), or one by one (r2r.decode); `bar` counts the prompts. A batch takes
+    prompts of similar length, which on the demo task means responses of similar length, so it
+    ends soon after most of its rows."""
     kw.update(max_new_tokens=args.max_new_tokens)
     order, traces = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), {}
     for i in range(0, len(order), args.batch_size):
         rows = order[i:i + args.batch_size]
         if len(rows) == 1:
-            traces[rows[0]] = decode(router, prompts[rows[0]], **kw)
+            traces[rows[0]] = r2r.decode(engine, router, prompts[rows[0]], **kw)
         else:
-            batch = r2r.decode_batch(slm, llm, router, [prompts[b] for b in rows], vocab_size=len(tok), **kw)
+            batch = r2r.decode_batch(engine, router, [prompts[b] for b in rows], **kw)
             traces.update(zip(rows, batch.traces))
         bar.update(len(rows))
     return [traces[i] for i in range(len(prompts))]
@@ -95,7 +129,7 @@ def quantile(x, q):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = r2r.parser(__doc__)
     r2r.add_common_args(p, prompts="test.jsonl", split="test", engine=True)
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
@@ -108,8 +142,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="draw accuracy against LLM share into this image (.png, .pdf, "
                    ".svg); needs matplotlib")
     args = p.parse_args(argv)
-    if any(not 0 <= t <= 1 for t in args.thresholds) or min(args.max_new_tokens, args.batch_size) < 1:
-        raise r2r.R2RError("--thresholds must lie in [0, 1]; --max-new-tokens and --batch-size be at least 1")
+    r2r.check_args(args, limit=1, max_new_tokens=1, batch_size=1)
+    if any(not 0 <= t <= 1 for t in args.thresholds):
+        raise r2r.R2RError(f"--thresholds {' '.join(map(str, args.thresholds))}: each must lie in [0, 1]")
     if args.out and not args.out.endswith((".json", ".csv")):
         raise r2r.R2RError(f"--out {args.out}: name a .json or a .csv file")
     if args.plot:
@@ -127,9 +162,9 @@ def evaluate(args):
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
-    decode = r2r.decoder(slm, llm, engine=args.engine, vocab_size=len(tok), max_tokens=max(map(len, prompts)) +
-                         args.max_new_tokens, batch_size=args.batch_size)
-    engine = dict(decode=decode, slm=slm, llm=llm, tok=tok)
+    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, max_tokens=max(map(len, prompts)) + args.max_new_tokens,
+                              batch_size=args.batch_size)
+    r2r.fit(engine, prompts, args.max_new_tokens)
     thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
     bar = tqdm(total=len(rows) * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt")
 
@@ -141,21 +176,21 @@ def evaluate(args):
         return result
 
     # Single-model rows through the same loop in a forced mode: one decoding rule for every row.
-    slm_traces = decode_all(prompts, None, args, bar, **engine, mode="slm")
-    llm_traces = decode_all(prompts, None, args, bar, **engine, mode="llm")
+    slm_traces = decode_all(engine, None, prompts, args, bar, mode="slm")
+    llm_traces = decode_all(engine, None, prompts, args, bar, mode="llm")
     results = [row("SLM only", None, slm_traces), row("LLM only", None, llm_traces)]
     scores = slm_step_scores(slm, tok, prompts, slm_traces, router.config["top_k"])
     for t in thresholds:
         name = "R2R (saved)" if t == router.threshold else "R2R"
         bar.set_description(f"R2R {t:.3f}")
-        r = row(name, t, decode_all(prompts, router, args, bar, **engine, threshold=t))
+        r = row(name, t, decode_all(engine, router, prompts, args, bar, threshold=t))
         results.append(r)
         # Baselines at the share R2R reached: route the same share of the SLM's own steps.
         for kind, s in scores.items():
             bt = quantile(s, 1 - r["share"]) if r["share"] > 0 else 1.0
             base = r2r.ConfidenceRouter(kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0))
             bar.set_description(kind)
-            results.append(row(f"{kind}", bt, decode_all(prompts, base, args, bar, **engine)))
+            results.append(row(f"{kind}", bt, decode_all(engine, base, prompts, args, bar)))
     bar.close()
     return results
 

@@ -12,10 +12,9 @@ On a terminal each response appears as it is decoded (at --batch-size 1; larger 
 whole responses), the LLM's tokens in colour; written to a file or a pipe, each response is
 one line with the LLM's tokens marked [[...]]. Then one
 summary line per prompt; with --json, one JSON object per prompt per line instead.
-The decoding loop itself lives in r2r.decode (r2r.decode_batch for several prompts at once),
-where bench.py and evaluate.py use it too.
+The decoding loop itself is r2r.decode (r2r.decode_batch for several prompts at once), over the
+engine that fast.pick_engine chooses; bench.py and evaluate.py use them too.
 """
-import argparse
 import json
 import os
 import re
@@ -23,13 +22,14 @@ import sys
 
 import torch
 
+import fast
 import r2r
 
 COLOUR = ("\033[1;31m", "\033[0m")  # the LLM's tokens on a terminal: bold red
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = r2r.parser(__doc__)
     r2r.add_common_args(p, engine=True)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
     p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
@@ -48,14 +48,15 @@ def parse_args(argv=None):
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     args = p.parse_args(argv)
+    r2r.check_args(args, max_new_tokens=1, batch_size=1, temperature=0)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise r2r.R2RError(f"--threshold {args.threshold} is outside [0, 1]")
-    if args.max_new_tokens < 1:
-        raise r2r.R2RError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    if args.batch_size < 1:
-        raise r2r.R2RError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise r2r.R2RError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not 0 < args.top_p <= 1:
+        raise r2r.R2RError(f"--top-p {args.top_p} is outside (0, 1]")
+    if not args.prompt and not args.prompts_file:
+        raise r2r.R2RError("no prompt: give --prompt TEXT or --prompts-file FILE")
+    if any(not text.strip() for text in args.prompt):
+        raise r2r.R2RError("empty prompt: give some text with --prompt")
     return args
 
 
@@ -103,7 +104,8 @@ class Stream:
         self.held = ""  # leading spaces of an LLM run, written when its first character arrives
         self.opened = False  # the current LLM run's colour is on
 
-    def __call__(self, slm_cache, llm_cache, pending, trace):
+    def __call__(self, slm_cache, llm_cache, traces):
+        trace = traces[0]
         n = len(trace.tokens)
         if trace.from_llm[n - 1] != trace.from_llm[self.start]:  # a new run begins at the newest token
             self.flush(trace, n - 1)
@@ -134,21 +136,21 @@ class Stream:
 
 
 def summarize(trace, p_slm, p_llm):
-    n, calls = len(trace.tokens), len(trace.catch_up)
-    return dict(new_tokens=n, llm_share=sum(trace.from_llm) / max(n, 1), llm_calls=calls,
-                mean_catch_up=sum(trace.catch_up) / max(calls, 1), tokens_per_s=n / max(trace.seconds, 1e-9),
-                activated_params=r2r.activated_params(trace, p_slm, p_llm))
+    """A response's numbers, read off its Trace."""
+    return dict(new_tokens=len(trace.tokens), llm_share=trace.llm_share, llm_calls=len(trace.catch_up),
+                mean_catch_up=trace.mean_catch_up, tokens_per_s=len(trace.tokens) / max(trace.seconds, 1e-9),
+                activated_params=trace.activated_params(p_slm, p_llm))
 
 
-def decode_chunk(ids, gens, router, args, *, decode, slm, llm, vocab_size, stream=None):
+def decode_chunk(engine, router, ids, gens, args, stream=None):
     """The traces of a few prompts decoded together (r2r.decode_batch), or of one prompt by
-    `decode`, the engine's batch-1 decode, which can stream. Prompt i samples from its own
-    generator gens[i], so its tokens do not depend on the batch it is in."""
+    r2r.decode, which can stream. Prompt i samples from its own generator gens[i], so its
+    tokens do not depend on the batch it is in."""
     kw = dict(max_new_tokens=args.max_new_tokens, mode=args.mode, threshold=args.threshold,
               temperature=args.temperature, top_p=args.top_p)
     if len(ids) == 1:
-        return [decode(router, ids[0], generator=gens[0], on_step=stream, **kw)]
-    return r2r.decode_batch(slm, llm, router, ids, vocab_size=vocab_size, generators=gens, **kw).traces
+        return [r2r.decode(engine, router, ids[0], generator=gens[0], on_step=stream, **kw)]
+    return r2r.decode_batch(engine, router, ids, generators=gens, **kw).traces
 
 
 def show(prompt, trace, tok, s, args, stream):
@@ -172,26 +174,24 @@ def main(argv=None):
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [row["prompt"] for row in r2r.read_prompts(args.prompts_file)]
-    if not prompts:
-        raise r2r.R2RError("no prompt: give --prompt TEXT or --prompts-file FILE")
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(ids))]
-    decode = r2r.decoder(slm, llm, engine=args.engine, vocab_size=len(tok), max_tokens=max(map(len, ids)) +
-                         args.max_new_tokens, batch_size=args.batch_size)
+    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, max_tokens=max(map(len, ids)) + args.max_new_tokens,
+                              batch_size=args.batch_size)
+    r2r.fit(engine, ids, args.max_new_tokens)
     live = sys.stdout.isatty() and not args.json and args.batch_size == 1  # stream to a terminal, one prompt at a time
     for first in range(0, len(prompts), args.batch_size):
         chunk = range(first, min(first + args.batch_size, len(prompts)))
         for i in chunk:
             note = demo_note(args, prompts[i])
             if note:
-                print(note, file=sys.stderr)
+                r2r.status(note)
         stream = Stream(tok) if live else None
-        traces = decode_chunk([ids[i] for i in chunk], [gens[i] for i in chunk], router, args, decode=decode, slm=slm,
-                              llm=llm, vocab_size=len(tok), stream=stream)
+        traces = decode_chunk(engine, router, [ids[i] for i in chunk], [gens[i] for i in chunk], args, stream)
         for i, trace in zip(chunk, traces):
             show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
 

@@ -14,7 +14,6 @@ the SLM's token, reusing its cached prefix; 4. a verifier calls each mismatch ne
 divergent. Each chunk is written atomically as one shard under --out/shards, so a killed
 run continues where it stopped. It does not train anything (train_router.py does).
 """
-import argparse
 import collections
 import json
 import os
@@ -23,6 +22,7 @@ import re
 import resource
 import shutil
 import time
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 import r2r
+from evaluate import extract_answer
 
 PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}  # the authors' R1-1.5B vs R1-32B
 SENTENCE_END = re.compile(r"[.!?;\n]")
@@ -72,6 +73,54 @@ def parse_judge(reply):
 
 # ----------------------------------------------------------------------------- the steps
 
+class Reply(NamedTuple):
+    """A greedy response: the prompt's ids, the response's, and whether it ended at a stop id."""
+    prompt_ids: list
+    response_ids: list
+    finished: bool
+
+
+def greedy_batch(model, tok, prompts, max_new_tokens, chat=True, *, eos=None, thinking=None):
+    """Greedy Replies of one model to many prompts: decode_batch in the LLM-only mode, so the same
+    rule as every other path (the raw argmax over the tokenizer's ids until a stop id). Not
+    model.generate, which applies the model's generation_config (repetition penalty, ...)."""
+    rows = [r2r.encode_prompt(tok, p, chat, thinking=thinking) for p in prompts]
+    engine = r2r.EagerEngine(None, model, tok)
+    eos = engine.eos if eos is None else eos
+    batch = r2r.decode_batch(engine, None, rows, max_new_tokens=max_new_tokens, mode="llm", eos=eos)
+    return [Reply(r, t.tokens, bool(t.tokens) and t.tokens[-1] in eos) for r, t in zip(rows, batch.traces)]
+
+
+
+class Response(NamedTuple):
+    """A response kept for labeling: its prompt's id in the prompts file, the prompt's ids, its own."""
+    id: int
+    prompt_ids: list
+    response_ids: list
+
+
+class Positions(NamedTuple):
+    """Step 2's reading of one response, at each of its n positions: the SLM's argmax (n ints), the
+    router's hidden state (n, H) and top-k logits (n, k)."""
+    argmax: list
+    hidden: torch.Tensor
+    topk: torch.Tensor
+
+
+class Branch(NamedTuple):
+    """A mismatch to continue from (step 3): response `seq` of the chunk, cut after `cut` tokens of
+    prompt + response, where the SLM would write `token`."""
+    seq: int
+    cut: int
+    token: int
+
+
+class Judge(NamedTuple):
+    """The verifier model of step 4 and its tokenizer."""
+    model: torch.nn.Module
+    tok: object
+
+
 def pad_right(seqs, pad, device):
     T = max(map(len, seqs))
     ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs], device=device)  # (B, T)
@@ -86,7 +135,7 @@ def slm_positions(slm, tok, seqs, starts, k):
     Right padding leaves every real position's causal context untouched. The pass keeps
     hidden states only; lm_head runs over slices of SLICE_LOGITS // V positions, so memory
     does not grow with responses x vocabulary (B x T x V logits: 83 GB at 64 x 4.3K x 152K)."""
-    ids, mask = pad_right(seqs, r2r.pad_id(tok, slm), slm.device)
+    ids, mask = pad_right(seqs, tok.pad_token_id or 0, slm.device)  # padding is masked: any id serves
     hidden = r2r.forward(slm, ids, None, last=True, attention_mask=mask)[0]  # (B, T, H); logits in slices below
     step, out = max(1, SLICE_LOGITS // len(tok)), []
     for i, (s, p) in enumerate(zip(seqs, starts)):
@@ -97,7 +146,7 @@ def slm_positions(slm, tok, seqs, starts, k):
             argmax = lg.argmax(-1)
             parts.append([x.cpu() for x in (argmax,) + r2r.router_inputs(slm, h, lg, argmax, k)[:2]])
         argmax, h, topk = (torch.cat(x) for x in zip(*parts))  # (n,), (n, H), (n, k) for the whole response
-        out.append((argmax.tolist(), h, topk))
+        out.append(Positions(argmax.tolist(), h, topk))
     return out
 
 
@@ -106,7 +155,7 @@ def branch_batches(branches, max_new, budget):
     within `budget` tokens: the KV cache a batch holds, whether prefixes are short or long."""
     batch = []
     for br in branches:
-        if batch and (len(batch) + 1) * (max(n for _, n, _ in batch + [br]) + max_new) > budget:
+        if batch and (len(batch) + 1) * (max(b.cut for b in batch + [br]) + max_new) > budget:
             yield batch
             batch = []
         batch.append(br)
@@ -115,26 +164,25 @@ def branch_batches(branches, max_new, budget):
 
 @torch.no_grad()
 def continue_branches(llm, tok, seqs, branches, stop, max_new, budget):
-    """Step 3: for each branch (sequence i, cut at n tokens, SLM token t) the LLM continues
-    greedily from seqs[i][:n] + [t]. The prefixes are not recomputed: one teacher-forced
+    """Step 3: for each Branch the LLM continues greedily from seqs[seq][:cut] + [token]. The prefixes are not recomputed: one teacher-forced
     LLM pass over all sequences fills a cache, and each branch takes its first n positions,
     left-padded into a batch (positions keep their true values, padding is masked out).
     `stop(tokens)` says when a branch is finished. Returns the branch tokens, [t, ...]."""
-    ids, mask = pad_right(seqs, r2r.pad_id(tok, llm), llm.device)
+    ids, mask = pad_right(seqs, tok.pad_token_id or 0, llm.device)  # padding is masked: any id serves
     full = DynamicCache()
-    llm.base_model(input_ids=ids, attention_mask=mask, past_key_values=full, use_cache=True)
+    llm.base_model(input_ids=ids, attention_mask=mask, cache=full, use_cache=True)
     results = []
     for batch in branch_batches(branches, max_new, budget):
-        L = max(n for _, n, _ in batch)
+        L = max(b.cut for b in batch)
         cache = DynamicCache()
         for layer, kv in enumerate(full.layers):
-            k, v = (torch.cat([torch.nn.functional.pad(x[i:i + 1, :, :n], (0, 0, L - n, 0)) for i, n, _ in batch])
+            k, v = (torch.cat([torch.nn.functional.pad(x[b.seq:b.seq + 1, :, :b.cut], (0, 0, L - b.cut, 0)) for b in batch])
                     for x in (kv.keys, kv.values))  # (B, heads, L, head_dim), left-padded
             cache.update(k, v, layer)
-        mask = torch.tensor([[0] * (L - n) + [1] * n for _, n, _ in batch], device=llm.device)  # (B, L)
-        last = torch.tensor([[t] for _, _, t in batch], device=llm.device)  # (B, 1)
-        pos = torch.tensor([[n] for _, n, _ in batch], device=llm.device)  # (B, 1)
-        outs = [[t] for _, _, t in batch]
+        mask = torch.tensor([[0] * (L - b.cut) + [1] * b.cut for b in batch], device=llm.device)  # (B, L)
+        last = torch.tensor([[b.token] for b in batch], device=llm.device)  # (B, 1)
+        pos = torch.tensor([[b.cut] for b in batch], device=llm.device)  # (B, 1)
+        outs = [[b.token] for b in batch]
         done = [stop(o) for o in outs]
         for _ in range(max_new):
             if all(done):
@@ -152,8 +200,8 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, budget):
 
 def verify_by_answer(tok, response, j, branch):
     """Same final answer from the LLM's own response and from the branch = neutral (0)."""
-    ref = r2r.extract_answer(tok.decode(response, skip_special_tokens=True))
-    alt = r2r.extract_answer(tok.decode(response[:j] + branch, skip_special_tokens=True))
+    ref = extract_answer(tok.decode(response, skip_special_tokens=True))
+    alt = extract_answer(tok.decode(response[:j] + branch, skip_special_tokens=True))
     return None if ref is None else int(alt != ref)
 
 
@@ -210,22 +258,23 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
     stats = collections.Counter()
     t = time.perf_counter()
     # 1. The LLM's greedy responses, as token ids; only finished ones are labeled, as the authors do.
-    responses = r2r.greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template,
-                                 eos=eos)
-    keep = [(i, p, r) for i, (p, r, finished) in enumerate(responses) if finished or args.keep_unfinished]
+    replies = greedy_batch(llm, tok, [r["prompt"] for r in rows], args.max_new_tokens, not args.no_chat_template,
+                           eos=eos)
+    keep = [Response(row["id"], r.prompt_ids, r.response_ids) for row, r in zip(rows, replies)
+            if r.finished or args.keep_unfinished]
     stats["unfinished responses"] += len(rows) - len(keep)
     steps.done(0, len(rows), t)
     if not keep:
         return [], stats
     t = time.perf_counter()
     # 2. Teacher-forced SLM pass: features and argmax at every response position.
-    seqs, starts = [p + r for _, p, r in keep], [len(p) for _, p, _ in keep]
+    seqs, starts = [r.prompt_ids + r.response_ids for r in keep], [len(r.prompt_ids) for r in keep]
     slm_out = slm_positions(slm, tok, seqs, starts, args.top_k)
     steps.done(1, len(keep), t)
     t = time.perf_counter()
     # 3. Continue the LLM from every mismatch: to the end (answer check) or two sentences on (judge).
-    branches = [(b, starts[b] + j, s) for b, (argmax, _, _) in enumerate(slm_out)
-                for j, (s, l) in enumerate(zip(argmax, keep[b][2])) if s != l]
+    branches = [Branch(b, starts[b] + j, s) for b, (pos, r) in enumerate(zip(slm_out, keep))
+                for j, (s, l) in enumerate(zip(pos.argmax, r.response_ids)) if s != l]
     if judge is None:
         stop, budget = (lambda o: o[-1] in eos), args.max_new_tokens
     else:
@@ -236,29 +285,28 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
     # 4. Verify: neutral (0) or divergent (1); unverifiable mismatches are dropped and counted.
     verdicts = {}
     if judge is None:
-        for (b, n, _), (branch, finished) in zip(branches, cont):
-            j, response = n - starts[b], keep[b][2]
-            verdicts[b, j] = verify_by_answer(tok, response, j, branch) if finished else None
+        for br, (branch, finished) in zip(branches, cont):
+            j, response = br.cut - starts[br.seq], keep[br.seq].response_ids
+            verdicts[br.seq, j] = verify_by_answer(tok, response, j, branch) if finished else None
     else:
-        judge_model, judge_tok = judge
-        views = [sentence_view(tok, keep[b][2], n - starts[b], branch, ends) for (b, n, _), (branch, _) in
-                 zip(branches, cont)]
+        views = [sentence_view(tok, keep[br.seq].response_ids, br.cut - starts[br.seq], branch, ends)
+                 for br, (branch, _) in zip(branches, cont)]
         prompts, replies, size = [judge_prompt(*v) for v in views], [], args.judge_batch_size
         for a in range(0, len(prompts), size):  # thinking off: a judge that thinks first has no verdict in 16 tokens
-            replies += r2r.greedy_batch(judge_model, judge_tok, prompts[a:a + size], 16, thinking=False)
-        for (b, n, _), (_, reply, _) in zip(branches, replies):
-            verdicts[b, n - starts[b]] = parse_judge(judge_tok.decode(reply))
+            replies += greedy_batch(judge.model, judge.tok, prompts[a:a + size], 16, thinking=False)
+        for br, reply in zip(branches, replies):
+            verdicts[br.seq, br.cut - starts[br.seq]] = parse_judge(judge.tok.decode(reply.response_ids))
     stats["verifier drops"] += sum(v is None for v in verdicts.values())
     steps.done(3, len(branches), t)
     out = collections.defaultdict(list)
-    for b, ((i, _, response), (argmax, hidden, topk)) in enumerate(zip(keep, slm_out)):
-        for j, (s, l) in enumerate(zip(argmax, response)):
+    for b, (r, pos) in enumerate(zip(keep, slm_out)):
+        for j, (s, l) in enumerate(zip(pos.argmax, r.response_ids)):
             if s != l and verdicts[b, j] is None:
                 continue
             kind = "identical" if s == l else ("neutral", "divergent")[verdicts[b, j]]
-            for key, value in (("prompt_id", rows[i]["id"]), ("position", j), ("slm_token", s), ("llm_token", l),
-                               ("kind", kind), ("label", int(kind == "divergent")), ("hidden", hidden[j].tolist()),
-                               ("topk", topk[j].tolist())):
+            for key, value in (("prompt_id", r.id), ("position", j), ("slm_token", s), ("llm_token", l),
+                               ("kind", kind), ("label", int(kind == "divergent")), ("hidden", pos.hidden[j].tolist()),
+                               ("topk", pos.topk[j].tolist())):
                 out[key].append(value)
     return out, stats
 
@@ -266,7 +314,7 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = r2r.parser(__doc__)
     r2r.add_common_args(p, router=False, prompts="train.jsonl")
     p.add_argument("--verifier", default="answer",
                    help="'answer' compares final answers (exact; needs answers), else an instruction-tuned judge model")
@@ -308,8 +356,8 @@ def main(argv=None):
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     judge = None
     if args.verifier != "answer":
-        judge = (r2r.load_model(args.verifier, device, dtype, device_map=args.device_map),
-                 r2r.load_tokenizer(args.verifier))
+        judge = Judge(r2r.load_model(args.verifier, device, dtype, device_map=args.device_map),
+                      r2r.load_tokenizer(args.verifier))
     args.top_k = min(args.top_k, len(tok))
     # Resuming is only safe with every argument that changes a row (all but where and how fast it
     # runs): they are kept beside the shards, with the resolved dtype and the SLM's fingerprint.
@@ -330,7 +378,7 @@ def main(argv=None):
         with open(meta_path + ".tmp", "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(meta_path + ".tmp", meta_path)
-    eos = r2r.eos_ids(slm, llm)  # decode's EOS set: every greedy path stops alike
+    eos = r2r.EagerEngine(slm, llm, tok).eos  # decode's stop ids: every greedy path stops alike
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | eos
     todo = [(c, os.path.join(shards, f"{c // args.batch_size:05d}")) for c in range(0, len(rows), args.batch_size)]
     todo = [(c, path) for c, path in todo if not os.path.exists(path)]  # skip what an earlier run finished
@@ -347,6 +395,23 @@ def main(argv=None):
     summarize(args.out, tok, steps)
 
 
+def load_labels(folder):
+    """A label.py folder: (its meta.json, every finished shard as one dataset)."""
+    import datasets
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        raise r2r.R2RError(f"no labels in {folder}: make them with label.py or pass --labels")
+    with open(path) as f:
+        meta = json.load(f)
+    shards = sorted(s for s in os.listdir(os.path.join(folder, "shards")) if not s.endswith(".tmp"))
+    if not shards:
+        raise r2r.R2RError(f"{folder} holds no finished chunk yet: run label.py to the end")
+    paths = [os.path.join(folder, "shards", s) for s in shards]
+    # A chunk that kept no row (every response unfinished) is a shard without data files.
+    parts = [datasets.load_from_disk(p) for p in paths if any(f.endswith(".arrow") for f in os.listdir(p))]
+    return meta, datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({})
+
+
 FEATURES = datasets.Features(dict(
     prompt_id=datasets.Value("int64"), position=datasets.Value("int64"), slm_token=datasets.Value("int64"),
     llm_token=datasets.Value("int64"), kind=datasets.Value("string"), label=datasets.Value("int64"),
@@ -354,7 +419,7 @@ FEATURES = datasets.Features(dict(
 
 
 def summarize(folder, tok, steps):
-    ds = r2r.load_labels(folder)[1].select_columns(["prompt_id", "slm_token", "llm_token", "kind"])
+    ds = load_labels(folder)[1].select_columns(["prompt_id", "slm_token", "llm_token", "kind"])
     stats = collections.Counter()
     for s in sorted(os.listdir(os.path.join(folder, "shards"))):
         with open(os.path.join(folder, "shards", s, "stats.json")) as f:

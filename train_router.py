@@ -12,7 +12,6 @@ stopping and the threshold; held-out prompts for the report, so its recall and L
 were measured on prompts that chose nothing. It does not label (label.py) or decode
 (generate.py).
 """
-import argparse
 import os
 from typing import NamedTuple
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import r2r
+from label import load_labels
 
 
 def auc(scores, labels):
@@ -55,7 +55,7 @@ def recall_share(scores, labels, threshold):
 
 def load_features(folder, device):
     """Tensors from a label folder, plus the SLM's embedding table and fingerprint."""
-    meta, ds = r2r.load_labels(folder)
+    meta, ds = load_labels(folder)
     if len(ds) == 0:
         raise r2r.R2RError(f"{folder} holds no labeled positions: label more prompts")
     cols = ["hidden", "topk", "slm_token", "label", "prompt_id"]
@@ -153,8 +153,18 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
                 baselines=baselines)
 
 
+def save_router(router, folder):
+    """router.save_pretrained(folder), atomically: a killed run never leaves half a router."""
+    tmp = folder.rstrip("/") + ".tmp"
+    router.save_pretrained(tmp)
+    os.makedirs(folder, exist_ok=True)
+    for name in ("model.safetensors", "README.md", "config.json"):  # config last: it marks a whole router
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = r2r.parser(__doc__)
     # data
     p.add_argument("--labels", default="labels", help="folder written by label.py")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts for early stopping and the "
@@ -208,7 +218,7 @@ def main(argv=None):
     s, yv = scores_of(router, emb_table, data, split.val), y[split.val]
     t = threshold_for_share(s, args.llm_share) if args.llm_share else threshold_for_recall(s, yv, args.recall)
     router.config["threshold"] = t
-    r2r.save_router(router, args.out)
+    save_router(router, args.out)
     metrics = dict(threshold=t, validation=measure(router, emb_table, data, y, split.val, t, args.seed),
                    test=measure(router, emb_table, data, y, split.test, t, args.seed))
     v, h = metrics["validation"], metrics["test"]

@@ -34,6 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import r2r  # noqa: E402
+from evaluate import extract_answer  # noqa: E402
+from label import greedy_batch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ["+", "=", ",", ";", "write", "put", "carry", "c", "so", "thus"]
@@ -109,8 +111,9 @@ def accuracy(model, tok, problems, batch_size=250):
     correct = 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        responses = r2r.greedy_batch(model, tok, [p["prompt"] for p in chunk], max_new_tokens=80)
-        correct += sum(r2r.extract_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"] for (_, r, _), p in zip(responses, chunk))
+        replies = greedy_batch(model, tok, [p["prompt"] for p in chunk], max_new_tokens=80)
+        correct += sum(extract_answer(tok.decode(r.response_ids, skip_special_tokens=True)) == p["answer"]
+                       for r, p in zip(replies, chunk))
     model.train()
     return correct / len(problems)
 

@@ -12,6 +12,7 @@ from transformers import DynamicCache, GenerationConfig
 
 import bench
 import evaluate
+import fast
 import generate
 import r2r
 from conftest import ROOT
@@ -25,23 +26,24 @@ def encode(tok, texts=PROMPTS):
     return [r2r.encode_prompt(tok, t) for t in texts]
 
 
-def batch1(slm, llm, router, prompts, **kw):
-    return [r2r.decode(slm, llm, router, p, **kw) for p in prompts]
+def batch1(engine, router, prompts, **kw):
+    return [r2r.decode(engine, router, p, **kw) for p in prompts]
 
 
-def planted_eos(slm, llm, router, prompts, **kw):
+def planted_eos(engine, router, prompts, **kw):
     """An EOS id that makes some row end early: a token the second row writes at step 6,
     which the rows reach at different steps (or never)."""
-    return {batch1(slm, llm, router, prompts, eos=set(), **kw)[1].tokens[5]}
+    return {batch1(engine, router, prompts, eos=set(), **kw)[1].tokens[5]}
 
 
 @pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
 def test_rows_equal_their_batch1_decode(pair, tok, mode):
     slm, llm = pair
-    prompts, kw = encode(tok), dict(vocab_size=len(tok), max_new_tokens=20, mode=mode)
-    eos = planted_eos(slm, llm, SignRouter(), prompts, **kw)
-    want = batch1(slm, llm, SignRouter(), prompts, eos=eos, **kw)
-    got = r2r.decode_batch(slm, llm, SignRouter(), prompts, eos=eos, **kw)
+    prompts, kw = encode(tok), dict(max_new_tokens=20, mode=mode)
+    engine = r2r.EagerEngine(slm, llm, tok)
+    eos = planted_eos(engine, SignRouter(), prompts, **kw)
+    want = batch1(engine, SignRouter(), prompts, eos=eos, **kw)
+    got = r2r.decode_batch(engine, SignRouter(), prompts, eos=eos, **kw)
     lengths = [len(t.tokens) for t in want]
     assert min(lengths) < 20 and len(set(lengths)) > 1, "the test needs rows that end at different steps"
     if mode == "r2r":
@@ -54,15 +56,16 @@ def test_rows_equal_their_batch1_decode(pair, tok, mode):
 
 def test_sampled_rows_equal_batch1_with_the_same_generators(pair, tok):
     slm, llm = pair
-    prompts, kw = encode(tok), dict(vocab_size=len(tok), max_new_tokens=16, temperature=1.0, top_p=0.9, eos=set())
+    prompts, kw = encode(tok), dict(max_new_tokens=16, temperature=1.0, top_p=0.9, eos=set())
 
     def gens(seed):
         return [torch.Generator().manual_seed(seed + b) for b in range(len(prompts))]
 
-    want = [r2r.decode(slm, llm, SignRouter(), p, generator=g, **kw) for p, g in zip(prompts, gens(7))]
-    got = r2r.decode_batch(slm, llm, SignRouter(), prompts, generators=gens(7), **kw).traces
+    engine = r2r.EagerEngine(slm, llm, tok)
+    want = [r2r.decode(engine, SignRouter(), p, generator=g, **kw) for p, g in zip(prompts, gens(7))]
+    got = r2r.decode_batch(engine, SignRouter(), prompts, generators=gens(7), **kw).traces
     assert [(t.tokens, t.from_llm) for t in got] == [(t.tokens, t.from_llm) for t in want]
-    other = r2r.decode_batch(slm, llm, SignRouter(), prompts, generators=gens(8), **kw).traces
+    other = r2r.decode_batch(engine, SignRouter(), prompts, generators=gens(8), **kw).traces
     assert [t.tokens for t in other] != [t.tokens for t in got], "sampling ignores the generators"
 
 
@@ -85,30 +88,29 @@ def test_batched_catch_up_logits_equal_full_recompute(pair, tok):
 @pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
 def test_caches_hold_each_rows_committed_tokens(pair, tok, mode):
     slm, llm = pair
-    prompts, kw = encode(tok), dict(vocab_size=len(tok), max_new_tokens=16, mode=mode)
-    eos = planted_eos(slm, llm, SignRouter(), prompts, **kw)
+    prompts, kw = encode(tok), dict(max_new_tokens=16, mode=mode)
+    engine = r2r.EagerEngine(slm, llm, tok)
+    eos = planted_eos(engine, SignRouter(), prompts, **kw)
+    want = batch1(engine, SignRouter(), prompts, eos=eos, **kw)  # the oracle for which rows go on and who wrote
     T, steps, llm_len = max(map(len, prompts)), [], [0]
 
-    def check(slm_cache, llm_cache, mask, live, traces):
+    def check(slm_cache, llm_cache, live):
         n = len(steps) + 1
-        assert live == [b for b, t in enumerate(traces) if t.tokens[-1] not in eos]
-        assert all(len(traces[b].tokens) == n for b in live)
-        # Each live row's mask covers its prompt and its n new tokens, left-padded to T + n columns.
-        assert mask.shape == (len(live), T + n)
-        assert mask.sum(-1).tolist() == [len(prompts[b]) + n for b in live]
+        # The live rows are those whose batch-1 decode goes on past step n, each with n tokens.
+        assert [t.tokens for t in live] == [w.tokens[:n] for w in want if len(w.tokens) > n]
         steps.append(n)
         if not live:  # every row has ended: the caches hold nothing
             return
         # The SLM has read all but the newest column; the LLM up to its last call, which at
         # step n (if any row of this step was routed) read the T + n - 1 columns before it.
         assert slm_cache.get_seq_length() == (0 if mode == "llm" else T + n - 1)
-        if any(t.from_llm[-1] for t in traces if len(t.tokens) == n):
+        if any(len(w.tokens) >= n and w.from_llm[n - 1] for w in want):
             llm_len[0] = T + n - 1
         assert llm_cache.get_seq_length() == llm_len[0]
         for cache in (slm_cache, llm_cache):
             assert all(layer.keys.shape[0] == len(live) for layer in cache.layers if layer.keys.numel())
 
-    r2r.decode_batch(slm, llm, SignRouter(), prompts, eos=eos, on_step=check, **kw)
+    r2r.decode_batch(engine, SignRouter(), prompts, eos=eos, on_step=check, **kw)
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] > 5
 
 
@@ -121,7 +123,7 @@ def test_forced_modes_equal_generate_row_by_row(pair, tok, mode):
     config = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, suppress_tokens=extra)
     want = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
     eos = {want[2][4]}
-    got = r2r.decode_batch(slm, llm, None, prompts, vocab_size=len(tok), max_new_tokens=12, mode=mode, eos=eos)
+    got = r2r.decode_batch(r2r.EagerEngine(slm, llm, tok), None, prompts, max_new_tokens=12, mode=mode, eos=eos)
     for w, g in zip(want, got.traces):
         end = next((i + 1 for i, t in enumerate(w) if t in eos), len(w))
         assert g.tokens == w[:end]
@@ -131,9 +133,10 @@ def test_demo_pair_rows_equal_batch1(demo_pair):
     slm, llm, tok = demo_pair
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
     prompts = encode(tok, ["4837+2956", "12+345", "90+9", "1234+5678", "77+808"])
-    kw = dict(vocab_size=len(tok), max_new_tokens=80, threshold=0.3)
-    want = batch1(slm, llm, router, prompts, **kw)
-    got = r2r.decode_batch(slm, llm, router, prompts, **kw).traces
+    kw = dict(max_new_tokens=80, threshold=0.3)
+    engine = r2r.EagerEngine(slm, llm, tok)
+    want = batch1(engine, router, prompts, **kw)
+    got = r2r.decode_batch(engine, router, prompts, **kw).traces
     assert all(t.tokens[-1] == tok.eos_token_id for t in want) and len({len(t.tokens) for t in want}) > 1
     assert sum(sum(t.from_llm) for t in want) > 0
     for w, g in zip(want, got):
@@ -162,10 +165,9 @@ def test_evaluate_decode_all_is_the_same_at_every_batch_size(demo_pair):
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
     prompts = [r2r.encode_prompt(tok, r["prompt"]) for r in r2r.read_prompts(os.path.join(ROOT, "demo", "test.jsonl"),
                                                                                 limit=6)]
-    runs = [evaluate.decode_all(prompts, router, argparse.Namespace(batch_size=b, max_new_tokens=60),
-                                tqdm(disable=True), slm=slm, llm=llm, tok=tok, threshold=0.3,
-                                decode=r2r.decoder(slm, llm, engine=engine, vocab_size=len(tok), max_tokens=200))
-            for engine, b in (("eager", 1), ("eager", 3), ("fast", 1))]
+    runs = [evaluate.decode_all(fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=200), router, prompts,
+                                argparse.Namespace(batch_size=b, max_new_tokens=60), tqdm(disable=True), threshold=0.3)
+            for kind, b in (("eager", 1), ("eager", 3), ("fast", 1))]
     assert len({tuple((tuple(t.tokens), tuple(t.from_llm)) for t in run) for run in runs}) == 1
     assert len({len(p) for p in prompts}) > 1 and sum(sum(t.from_llm) for t in runs[0]) > 0
 
@@ -178,7 +180,7 @@ def test_bench_batch_table(demo_pair, capsys):
     assert [int(row[0]) for row in table] == [1, 2]
     # Oracle for the share: batch-1 decodes of the same 4 prompts (3, rounded up to a multiple of 2).
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
-    traces = [r2r.decode(slm, llm, router, r2r.encode_prompt(tok, r["prompt"]), vocab_size=len(tok), max_new_tokens=20)
+    traces = [r2r.decode(r2r.EagerEngine(slm, llm, tok), router, r2r.encode_prompt(tok, r["prompt"]), max_new_tokens=20)
               for r in r2r.read_prompts(os.path.join(ROOT, "demo", "test.jsonl"), limit=4)]
     share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
     assert share > 0 and all(row[4].strip() == f"{share:.1%}" for row in table)

@@ -5,6 +5,8 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import evaluate
+import label
 import r2r
 from conftest import ROOT
 from demo.build import make_problem, solve
@@ -16,7 +18,7 @@ def test_scratchpad_is_correct_and_ends_in_the_answer():
         p = make_problem(rng)
         a, b = map(int, p["prompt"].split("+"))
         assert p["answer"] == str(a + b)
-        assert r2r.extract_answer(solve(p["prompt"], rng)) == p["answer"]
+        assert evaluate.extract_answer(solve(p["prompt"], rng)) == p["answer"]
 
 
 def test_scratchpad_worked_example():
@@ -33,7 +35,7 @@ def test_scratchpad_worked_example():
     ("answer: 1,234", "1234"), ("", None), ("7 + 6 + 0 = 1 3 , write 3", None), ("so", None),
     ("so 7 7 carry", None), ("garbage ###", None)])
 def test_answer_rule(text, answer):
-    assert r2r.extract_answer(text) == answer
+    assert evaluate.extract_answer(text) == answer
 
 
 def test_tokenizer_needs_no_spaces(demo_pair):
@@ -49,6 +51,6 @@ def test_shipped_models_load_offline_and_reach_their_accuracy():
     for name in ("slm", "llm"):
         folder = os.path.join(ROOT, "demo", name)
         model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-        out = r2r.greedy_batch(model, tok, [p["prompt"] for p in problems], max_new_tokens=80)
-        acc[name] = sum(r2r.extract_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"] for (_, r, _), p in zip(out, problems)) / 100
+        out = label.greedy_batch(model, tok, [p["prompt"] for p in problems], max_new_tokens=80)
+        acc[name] = sum(evaluate.extract_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"] for (_, r, _), p in zip(out, problems)) / 100
     assert acc["llm"] >= 0.93 and 0.4 <= acc["slm"] <= 0.85, acc

@@ -1,4 +1,4 @@
-"""The fast engine (r2r.FastDecoder) against the eager one (r2r.decode), the oracle here:
+"""The fast engine (fast.FastEngine) against the eager one (r2r.EagerEngine), the oracle here:
 same tokens, same routing, same catch-ups, on CPU in fp32 where it runs the static caches
 and padded catch-ups without CUDA graphs. Also against a full recompute and the caches'
 own lengths. The CUDA-only parts (graphs, compile) are exercised by bench.py on a GPU."""
@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+import fast
 import generate
 import r2r
 from conftest import ROOT
@@ -33,13 +34,12 @@ class ScheduleRouter(torch.nn.Module):
 
 
 def engine(slm, llm, tok, max_tokens=120):
-    return r2r.FastDecoder(slm, llm, vocab_size=len(tok), max_tokens=max_tokens, max_bucket=BUCKET)
+    return fast.FastEngine(slm, llm, tok, max_tokens=max_tokens, max_bucket=BUCKET)
 
 
 def both(slm, llm, make_router, tok, ids, **kw):
-    eager = r2r.decode(slm, llm, make_router(), ids, vocab_size=len(tok), **kw)
-    fast = engine(slm, llm, tok).decode(make_router(), ids, **kw)
-    return eager, fast
+    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), make_router(), ids, **kw)
+    return eager, r2r.decode(engine(slm, llm, tok), make_router(), ids, **kw)
 
 
 @pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
@@ -69,16 +69,16 @@ def test_demo_pair_fast_equals_eager(demo_pair, mode):
     eager, fast = both(slm, llm, lambda: router, tok, ids, max_new_tokens=100, mode=mode, threshold=0.3)
     assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
     assert mode != "r2r" or 0 < sum(fast.from_llm) < len(fast.tokens)
-    assert fast.tokens[-1] in r2r.eos_ids(slm, llm) and len(fast.tokens) < 100, "the demo pair stops at its EOS"
+    assert fast.tokens[-1] == tok.eos_token_id and len(fast.tokens) < 100, "the demo pair stops at its EOS"
 
 
 def test_one_engine_serves_many_prompts(demo_pair):
     slm, llm, tok = demo_pair
-    fast = engine(slm, llm, tok)
+    eng = engine(slm, llm, tok)
     for text in ["12+3", "4837+2956", "5+67", "12+3"]:  # longer then shorter: old slots must not leak
         ids = r2r.encode_prompt(tok, text)
-        want = r2r.decode(slm, llm, SignRouter(), ids, vocab_size=len(tok), max_new_tokens=40)
-        got = fast.decode(SignRouter(), ids, max_new_tokens=40)
+        want = r2r.decode(r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=40)
+        got = r2r.decode(eng, SignRouter(), ids, max_new_tokens=40)
         assert (got.tokens, got.from_llm) == (want.tokens, want.from_llm), text
 
 
@@ -96,10 +96,10 @@ def test_sampling_equals_eager_for_the_same_seed(pair, tok):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
     kw = dict(max_new_tokens=30, eos=set(), temperature=1.0, top_p=0.9)
-    eager = r2r.decode(slm, llm, ScheduleRouter(), ids, vocab_size=len(tok), generator=torch.Generator().manual_seed(3),
+    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(), ids, generator=torch.Generator().manual_seed(3),
                        **kw)
-    fast = engine(slm, llm, tok)
-    first, again, other = [fast.decode(ScheduleRouter(), ids, generator=torch.Generator().manual_seed(s), **kw).tokens
+    eng = engine(slm, llm, tok)
+    first, again, other = [r2r.decode(eng, ScheduleRouter(), ids, generator=torch.Generator().manual_seed(s), **kw).tokens
                            for s in (3, 3, 4)]
     assert first == again == eager.tokens and other != first
 
@@ -110,23 +110,24 @@ def test_padded_catch_up_logits_equal_full_recompute(pair, tok, monkeypatch):
     fed to the cache it leaves behind, whose junk padding must be invisible."""
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    fast, sampled, errors = engine(slm, llm, tok), [], []
+    eng, sampled, errors = engine(slm, llm, tok), [], []
     sample = r2r.sample
     monkeypatch.setattr(r2r, "sample", lambda logits, *a: sampled.append(logits) or sample(logits, *a))
 
     def recompute(tokens):
         return llm(torch.tensor([ids + tokens])).logits[0, -1, :len(tok)]
 
-    def check(slm_cache, llm_cache, pending, trace):
+    def check(slm_cache, llm_cache, traces):
+        trace = traces[0]
         if trace.from_llm[-1] and len(trace.tokens) > 1:
             errors.append(float((sampled[-1][0] - recompute(trace.tokens[:-1])).abs().max()))
             n = llm_cache.get_seq_length().clone()
-            after = r2r.forward(llm, torch.tensor([pending]), llm_cache, last=True)[1][0, -1, :len(tok)]
+            after = r2r.forward(llm, torch.tensor([trace.tokens[-1:]]), llm_cache, last=True)[1][0, -1, :len(tok)]
             errors.append(float((after - recompute(trace.tokens)).abs().max()))
             for layer in llm_cache.layers:
                 layer.cumulative_length.copy_(n)
 
-    trace = fast.decode(ScheduleRouter(), ids, max_new_tokens=30, eos=set(), on_step=check)
+    trace = r2r.decode(eng, ScheduleRouter(), ids, max_new_tokens=30, eos=set(), on_step=check)
     assert set(range(1, BUCKET + 3)) <= set(trace.catch_up)
     assert len(errors) >= 12 and max(errors) < 1e-4
 
@@ -137,12 +138,14 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
     ids = r2r.encode_prompt(tok, PROMPT)
     lengths = []
 
-    def check(slm_cache, llm_cache, pending, trace):
-        n, fed_llm = len(trace.tokens), len(ids) + len(trace.tokens) - len(pending)
+    def check(slm_cache, llm_cache, traces):
+        trace = traces[0]
+        n, routed = len(trace.tokens), [i for i, f in enumerate(trace.from_llm) if f]
         want_slm = 0 if mode == "llm" else len(ids) + n - 1
-        lengths.append((int(slm_cache.get_seq_length()), int(llm_cache.get_seq_length()), want_slm, fed_llm))
+        want_llm = len(ids) + routed[-1] if routed else 0  # all before its last token, when the LLM last wrote
+        lengths.append((int(slm_cache.get_seq_length()), int(llm_cache.get_seq_length()), want_slm, want_llm))
 
-    engine(slm, llm, tok).decode(ScheduleRouter(), ids, max_new_tokens=30, mode=mode, eos=set(), on_step=check)
+    r2r.decode(engine(slm, llm, tok), ScheduleRouter(), ids, max_new_tokens=30, mode=mode, eos=set(), on_step=check)
     assert [(a, b) for a, b, _, _ in lengths] == [(c, d) for _, _, c, d in lengths]
     assert len(lengths) == 30
 
@@ -150,22 +153,23 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
 def test_too_long_for_the_buffers_is_one_line(pair, tok):
     slm, llm = pair
     with pytest.raises(r2r.R2RError, match="exceed the fast engine"):
-        engine(slm, llm, tok, max_tokens=20).decode(None, list(range(15)), max_new_tokens=10, mode="slm")
+        r2r.decode(engine(slm, llm, tok, max_tokens=20), None, list(range(15)), max_new_tokens=10, mode="slm")
 
 
 def json_rows(argv, capsys):
+    """generate.py --json: every stdout line is a JSON object; status lines go to stderr."""
     generate.main(argv + ["--json"])
-    out = capsys.readouterr().out
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")], out
+    out, err = capsys.readouterr()
+    return [json.loads(line) for line in out.splitlines()], err
 
 
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--top-p", "0.9", "--seed", "5"]])
 def test_generate_cli_engines_agree(capsys, sampling):
     argv = ["--prompt", "4837+2956", "--prompt", "12+345", "--threshold", "0.3", "--max-new-tokens", "40", *sampling]
-    eager, out_eager = json_rows(argv + ["--engine", "eager"], capsys)
-    fast, out_fast = json_rows(argv + ["--engine", "fast"], capsys)
-    assert "engine eager" in out_eager and "engine fast" in out_fast and len(fast) == 2
-    assert [(r["token_ids"], r["from_llm"]) for r in fast] == [(r["token_ids"], r["from_llm"]) for r in eager]
+    eager, err_eager = json_rows(argv + ["--engine", "eager"], capsys)
+    quick, err_fast = json_rows(argv + ["--engine", "fast"], capsys)
+    assert "engine eager" in err_eager and "engine fast" in err_fast and len(quick) == 2
+    assert [(r["token_ids"], r["from_llm"]) for r in quick] == [(r["token_ids"], r["from_llm"]) for r in eager]
 
 
 def test_fast_engine_refuses_batches_in_one_line():
@@ -181,7 +185,7 @@ def test_router_loads_onto_the_device_asked(demo_pair):
 
 
 def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
-    """What CUDA capture runs first (FastDecoder._warm_up): a function called three times, each
+    """What CUDA capture runs first (FastEngine._warm_up): a function called three times, each
     call undone. With the caches at the end of their buffers, the largest catch-up bucket must
     still fit every time, and the random baseline's draws must not move (routing would leave
     eager's). Then the engine still decodes as eager does, random router included."""
@@ -191,19 +195,19 @@ def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
     def router():
         return r2r.ConfidenceRouter("random", 5, 0.4, torch.Generator().manual_seed(0))
 
-    fast = engine(slm, llm, tok, max_tokens=len(ids) + n)
-    fast.decode(router(), ids, max_new_tokens=n, eos=set())
-    layers = fast.slm_cache.layers + fast.llm_cache.layers
+    eng = engine(slm, llm, tok, max_tokens=len(ids) + n)
+    r2r.decode(eng, router(), ids, max_new_tokens=n, eos=set())
+    layers = eng.slm_cache.layers + eng.llm_cache.layers
     lengths = [int(layer.cumulative_length) for layer in layers]
     assert lengths[0] == len(ids) + n - 1 and lengths[-1] >= len(ids) + n - 3, "the test needs full buffers"
-    state = fast.router.generator.get_state()
-    for P in fast.buckets:
-        fast._warm_up(fast._llm_fn(P, 0.0, 1.0))
-    fast._warm_up(fast._slm_fn(True, 0.0, 1.0))
+    state = eng.router.generator.get_state()
+    for P in eng.buckets:
+        eng._warm_up(eng._llm_fn(P, 0.0, 1.0))
+    eng._warm_up(eng._slm_fn(True, 0.0, 1.0))
     assert [int(layer.cumulative_length) for layer in layers] == lengths
-    assert torch.equal(fast.router.generator.get_state(), state)
-    eager = r2r.decode(slm, llm, router(), ids, vocab_size=len(tok), max_new_tokens=n, eos=set())
-    got = fast.decode(router(), ids, max_new_tokens=n, eos=set())
+    assert torch.equal(eng.router.generator.get_state(), state)
+    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), router(), ids, max_new_tokens=n, eos=set())
+    got = r2r.decode(eng, router(), ids, max_new_tokens=n, eos=set())
     assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
     assert 0 < sum(got.from_llm) < n
 
@@ -212,10 +216,10 @@ def test_max_bucket_that_is_not_a_power_of_two(pair, tok):
     """max_bucket 6: buckets 1, 2, 4; the gaps of 5 and 6 run uncaptured."""
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    fast = r2r.FastDecoder(slm, llm, vocab_size=len(tok), max_tokens=120, max_bucket=6)
-    eager = r2r.decode(slm, llm, ScheduleRouter(), ids, vocab_size=len(tok), max_new_tokens=30, eos=set())
-    got = fast.decode(ScheduleRouter(), ids, max_new_tokens=30, eos=set())
-    assert fast.buckets == [1, 2, 4] and {5, 6} <= set(got.catch_up)
+    eng = fast.FastEngine(slm, llm, tok, max_tokens=120, max_bucket=6)
+    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(), ids, max_new_tokens=30, eos=set())
+    got = r2r.decode(eng, ScheduleRouter(), ids, max_new_tokens=30, eos=set())
+    assert eng.buckets == [1, 2, 4] and {5, 6} <= set(got.catch_up)
     assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
 
 
@@ -225,21 +229,20 @@ def test_sliding_window_models_are_refused_in_one_line(tok, monkeypatch, capsys)
                            num_attention_heads=2, num_key_value_heads=2, sliding_window=8)
     model = MistralForCausalLM(config).eval()
     with pytest.raises(r2r.R2RError, match="sliding-window layers"):
-        r2r.FastDecoder(model, model, vocab_size=len(tok), max_tokens=50)
-    # Where the fast engine would be the default, such a pair decodes eager instead, saying why.
-    monkeypatch.setattr(r2r, "eager_because", lambda *args: None)
-    decode = r2r.decoder(model, model, engine=None, vocab_size=len(tok), max_tokens=50)
-    assert decode.func is r2r.decode and "eager" in capsys.readouterr().out.split("sliding-window")[0]
+        fast.FastEngine(model, model, tok, max_tokens=50)
+    # By default such a pair decodes eager, saying why.
+    eng = fast.pick_engine(model, model, tok, kind=None, max_tokens=50)
+    assert type(eng) is r2r.EagerEngine and "sliding-window" in capsys.readouterr().err
 
 
 def test_prepare_builds_every_function_without_autograd(pair, tok, monkeypatch):
     """bench.py calls prepare() outside any no_grad block; what it captures and compiles must
     still be inference (a graph captured with autograd on records it, and keeps what it saves)."""
     slm, llm = pair
-    fast = engine(slm, llm, tok)
-    fast.decode(ScheduleRouter(), r2r.encode_prompt(tok, PROMPT), max_new_tokens=4, eos=set())
+    eng = engine(slm, llm, tok)
+    r2r.decode(eng, ScheduleRouter(), r2r.encode_prompt(tok, PROMPT), max_new_tokens=4, eos=set())
     grad_modes = []
-    monkeypatch.setattr(fast, "_capture", lambda fn, compiled: grad_modes.append(torch.is_grad_enabled()) or fn)
-    fast.fns.clear()
-    fast.prepare(ScheduleRouter(), mode="r2r")
-    assert len(grad_modes) == 1 + len(fast.buckets) and not any(grad_modes)
+    monkeypatch.setattr(eng, "_capture", lambda fn, compiled: grad_modes.append(torch.is_grad_enabled()) or fn)
+    eng.fns.clear()
+    eng.prepare(ScheduleRouter(), mode="r2r")
+    assert len(grad_modes) == 1 + len(eng.buckets) and not any(grad_modes)

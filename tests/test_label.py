@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import evaluate
 import label
 import r2r
 from conftest import tiny_model
@@ -53,7 +54,7 @@ def planted(tmp_path_factory, tok):
 
 def run(argv):
     label.main(argv)
-    return r2r.load_labels(argv[argv.index("--out") + 1])[1]
+    return label.load_labels(argv[argv.index("--out") + 1])[1]
 
 
 def test_recovers_planted_labels(planted, tmp_path, tok):
@@ -97,7 +98,7 @@ def test_divergent_rows_reproduce_with_model_generate(demo_pair, tmp_path):
         response = [r["llm_token"] for r in mine]
         assert [r["position"] for r in mine] == list(range(len(response)))
         prompt = r2r.encode_prompt(tok, rows[pid]["prompt"])
-        ref = r2r.extract_answer(tok.decode(response, skip_special_tokens=True))
+        ref = evaluate.extract_answer(tok.decode(response, skip_special_tokens=True))
         for r in mine:
             if r["kind"] == "identical":
                 continue
@@ -105,7 +106,7 @@ def test_divergent_rows_reproduce_with_model_generate(demo_pair, tmp_path):
             out = ids[0, len(prompt):].tolist()
             if r["slm_token"] != tok.eos_token_id:  # an SLM that stops here ends the branch
                 out = llm.generate(ids, do_sample=False, max_new_tokens=128)[0, len(prompt):].tolist()
-            alt = r2r.extract_answer(tok.decode(out, skip_special_tokens=True))
+            alt = evaluate.extract_answer(tok.decode(out, skip_special_tokens=True))
             assert (alt != ref) == (r["kind"] == "divergent"), (pid, r["position"])
             checked[r["kind"]] += 1
     assert checked["neutral"] > 0 and checked["divergent"] > 0, checked
@@ -146,7 +147,7 @@ def test_judge_prompt_and_parser():
 
 def test_bad_input(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"question": "1+2"}) + "\n")
-    with pytest.raises(r2r.R2RError, match="no field 'prompt'"):
+    with pytest.raises(r2r.R2RError, match="no text in a field 'prompt'"):
         label.main(["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")])
     with pytest.raises(r2r.R2RError, match="needs answers"):
         label.main(["--prompts", str(tmp_path / "p.jsonl"), "--prompt-field", "question", "--out",

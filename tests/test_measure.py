@@ -20,7 +20,7 @@ def test_evaluate_rows_agree_with_batched_generate(demo_pair):
         for r in rows:
             ids = r2r.encode_prompt(tok, r["prompt"])
             out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[0, len(ids):]
-            correct += r2r.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
+            correct += evaluate.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
         assert table[name]["acc"] == correct / 6
         assert table[name]["acc_lo"] <= correct / 6 <= table[name]["acc_hi"]
     assert table["LLM only"]["share"] == 1.0 and table["SLM only"]["share"] == 0.0

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 import evaluate
+import fast
 import generate
 import label
 import r2r
@@ -68,7 +69,7 @@ def test_label_responses_equal_generate_llm_despite_generation_config(penalised,
     # SLM = LLM: every position matches, so label.py stores every position of every response.
     label.main(["--slm", llm, "--llm", llm, "--prompts", prompts, "--max-new-tokens", "24", "--keep-unfinished",
                 "--out", str(tmp_path / "labels")])
-    ds = r2r.load_labels(str(tmp_path / "labels"))[1]
+    ds = label.load_labels(str(tmp_path / "labels"))[1]
     stored = [[r["llm_token"] for r in sorted((r for r in ds if r["prompt_id"] == i), key=lambda r: r["position"])]
               for i in range(len(PROMPTS))]
     oracle = generate_tokens(["--slm", llm, "--llm", llm, "--mode", "llm", "--max-new-tokens", "24",
@@ -86,9 +87,8 @@ def test_evaluate_single_model_rows_equal_generate_modes(penalised, tok, capsys)
     args = argparse.Namespace(batch_size=2, max_new_tokens=24)
     prompts = [r2r.encode_prompt(tok2, r["prompt"]) for r in rows]
     for mode, engine in (("slm", "eager"), ("llm", "eager"), ("llm", "fast")):
-        decode = r2r.decoder(slm, llm, engine=engine, vocab_size=len(tok2), max_tokens=200)
-        traces = evaluate.decode_all(prompts, None, args, tqdm(disable=True), decode=decode, slm=slm, llm=llm, tok=tok2,
-                                     mode=mode)
+        traces = evaluate.decode_all(fast.pick_engine(slm, llm, tok2, kind=engine, max_tokens=200), None, prompts, args,
+                                     tqdm(disable=True), mode=mode)
         oracle = generate_tokens(["--slm", penalised["slm"], "--llm", penalised["llm"], "--mode", mode,
                                   "--max-new-tokens", "24", "--prompts-file", penalised["prompts"]], capsys)
         assert [t.tokens for t in traces] == oracle, (mode, engine)
@@ -165,6 +165,7 @@ class ScriptedJudge(torch.nn.Module):
         super().__init__()
         self.tok, self.device = tok, torch.device("cpu")
         self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
+        self.config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace())  # no position limit
         self.seen = []
 
     def reply(self, prompt):
@@ -173,9 +174,9 @@ class ScriptedJudge(torch.nn.Module):
         a, b = (re.search(rf"Sentence {s}: .*?<<(.*?)>>", prompt).group(1).strip() for s in "AB")
         return f"Output: {int(a.isdigit() and b.isdigit() and a != b)}"
 
-    def base_model(self, input_ids, past_key_values=None, attention_mask=None, **kw):
-        fresh = past_key_values.get_seq_length() == 0
-        past_key_values.update(*[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0)  # it keeps count
+    def base_model(self, input_ids, cache=None, attention_mask=None, **kw):
+        fresh = cache.get_seq_length() == 0
+        cache.update(*[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0)  # it keeps count
         if fresh:  # a new batch: read each prompt, write its reply
             prompts = [self.tok.decode(ids[m.bool()]) for ids, m in zip(input_ids, attention_mask)]
             self.seen += prompts
@@ -211,13 +212,13 @@ def test_scripted_judge_labels_planted_mismatches(planted, tok, tmp_path, monkey
     monkeypatch.setattr(r2r, "load_tokenizer", lambda path: judge_tok if path == "judge" else real_tok(path))
     label.main(["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"], "--verifier", "judge",
                 "--judge-batch-size", "2", "--out", str(tmp_path / "labels")])
-    ds = r2r.load_labels(str(tmp_path / "labels"))[1]
+    ds = label.load_labels(str(tmp_path / "labels"))[1]
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
         assert [r["kind"] for r in rows] == [PLANTED.get(j, "identical") for j in range(len(RESPONSE))], pid
     assert len(judge.seen) == 9 and all(p.endswith("</think>\n\n") for p in judge.seen)  # 3 per prompt, no thinking
     # The oracle for the switch itself: left at the template's default, the judge thinks and gives no verdict.
-    (_, default, _), = r2r.greedy_batch(judge, judge_tok, [judge.seen[0][judge.seen[0].index("Two"):]], 16)
+    (_, default, _), = label.greedy_batch(judge, judge_tok, [judge.seen[0][judge.seen[0].index("Two"):]], 16)
     assert label.parse_judge(judge_tok.decode(default)) is None
 
 
@@ -229,7 +230,7 @@ def test_scripted_judge_labels_planted_mismatches(planted, tok, tmp_path, monkey
     ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)"), ("\\boxed{5\\text{ cm}}", "5"), ("\\boxed{50\\%}", "50"),
     ("\\boxed{\\tfrac{1}{2}.}", "\\frac{1}{2}"), ("\\boxed{90^\\circ}", "90"), ("\\boxed{\\frac{1}{2}", None)])
 def test_nested_brace_answers(text, answer):
-    assert r2r.extract_answer(text) == answer
+    assert evaluate.extract_answer(text) == answer
 
 
 def test_equal_answers_compare_equal(tmp_path):
@@ -237,9 +238,9 @@ def test_equal_answers_compare_equal(tmp_path):
     with open(path, "w") as f:
         for ref in ("\\dfrac{1}{2}", "The solution ... so $\\boxed{\\frac{1}{2}}$.", "$\\frac{1}{2}$", "7793"):
             f.write(json.dumps({"prompt": "x", "answer": ref}) + "\n")
-    refs = [r["answer"] for r in r2r.read_prompts(str(path))]
+    refs = [evaluate.reference_answer(r["answer"]) for r in r2r.read_prompts(str(path))]
     assert refs == ["\\frac{1}{2}"] * 3 + ["7793"]
-    assert r2r.extract_answer("thus \\boxed{\\dfrac{1}{2}}") == refs[0]
+    assert evaluate.extract_answer("thus \\boxed{\\dfrac{1}{2}}") == refs[0]
 
 
 # ----------------------------------------------------------------------------- resume, placement
@@ -287,7 +288,7 @@ def test_device_map_reaches_from_pretrained(planted, tmp_path, monkeypatch):
     label.main(["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"], "--device-map",
                 "auto", "--out", str(tmp_path / "labels")])
     assert calls == [None, "auto"]  # the SLM stays on --device, the LLM is placed by accelerate
-    assert len(r2r.load_labels(str(tmp_path / "labels"))[1]) == 3 * len(RESPONSE)
+    assert len(label.load_labels(str(tmp_path / "labels"))[1]) == 3 * len(RESPONSE)
 
 
 # ----------------------------------------------------------------------------- the rehearsal
@@ -297,7 +298,7 @@ def test_rehearsal_runs_end_to_end_at_tiny_size(tmp_path, capsys):
                              "--router-width", "16", "--router-blocks", "1", "--max-new-tokens", "24",
                              "--n-prompts", "3", "--prompt-len", "20", "--judge-span", "4", "--device", "cpu"])
     assert list(results) == ["label", "train", "generate", "evaluate"]
-    meta, ds = r2r.load_labels(str(tmp_path / "labels"))
+    meta, ds = label.load_labels(str(tmp_path / "labels"))
     assert len(set(ds["prompt_id"])) == 3 and {"neutral", "divergent"} <= set(ds["kind"])
     out = capsys.readouterr().out
     assert "| SLM only |" in out and "| R2R (saved) |" in out and out.count("peak memory") >= 4

@@ -58,7 +58,7 @@ def test_separable_positives_reach_recall_at_small_share(tmp_path, tok):
 def test_save_load_gives_identical_scores(tmp_path, tok):
     slm = tiny_model("llama", tok, 1, H)
     router = r2r.Router(H, top_k=8, width=16, n_blocks=2, threshold=0.3, slm=r2r.fingerprint(slm, tok)).eval()
-    r2r.save_router(router, str(tmp_path / "r"))
+    train_router.save_router(router, str(tmp_path / "r"))
     loaded = r2r.load_router(str(tmp_path / "r"), slm, tok)
     x = (torch.randn(5, H), torch.randn(5, 8), torch.randn(5, H))
     assert torch.equal(router(*x), loaded(*x)) and loaded.threshold == 0.3
