@@ -195,8 +195,7 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
 
 
 def main(argv=None):
-    p = r2r.parser(__doc__)
-    r2r.add_common_args(p, prompts="test.jsonl", split="test")
+    p = r2r.parser(__doc__, prompts="test.jsonl", split="test")
     p.add_argument("--engines", nargs="+", choices=["eager", "fast"], default=["eager", "fast"],
                    help="engines to run side by side (r2r.EagerEngine and fast.FastEngine)")
     p.add_argument("--pair", default=None, choices=list(PAIRS),

@@ -129,8 +129,7 @@ def quantile(x, q):
 
 
 def parse_args(argv=None):
-    p = r2r.parser(__doc__)
-    r2r.add_common_args(p, prompts="test.jsonl", split="test", engine=True)
+    p = r2r.parser(__doc__, prompts="test.jsonl", split="test", engine=True)
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")

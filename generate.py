@@ -29,8 +29,7 @@ COLOUR = ("\033[1;31m", "\033[0m")  # the LLM's tokens on a terminal: bold red
 
 
 def parse_args(argv=None):
-    p = r2r.parser(__doc__)
-    r2r.add_common_args(p, engine=True)
+    p = r2r.parser(__doc__, engine=True)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
     p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
                    "or a hub dataset")

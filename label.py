@@ -314,8 +314,7 @@ def label_chunk(slm, llm, tok, rows, args, judge, eos, ends, steps):
 
 
 def parse_args(argv=None):
-    p = r2r.parser(__doc__)
-    r2r.add_common_args(p, router=False, prompts="train.jsonl")
+    p = r2r.parser(__doc__, router=False, prompts="train.jsonl")
     p.add_argument("--verifier", default="answer",
                    help="'answer' compares final answers (exact; needs answers), else an instruction-tuned judge model")
     p.add_argument("--limit", type=int, default=None, help="label only this many prompts")

@@ -1,15 +1,11 @@
 """
-r2r.py: the method of R2R ("Roads to Rome", arXiv 2505.21600), and what the scripts share.
-
-Top to bottom: the router's features, the router and its baselines, the four steps of mixed
-decoding and the loop over them (batch size 1, then batched); then the plumbing (command line,
-device, loading, prompts, answers). fast.py implements the loop's seam over static caches and
-CUDA graphs. This module does not label, train or print reports; the scripts do.
+r2r.py: R2R ("Roads to Rome", arXiv 2505.21600) and what the scripts share. Top to bottom: the router's
+features, the router and its baselines, the four steps of mixed decoding and the loop over them (batch size 1,
+then batched); then the plumbing. fast.py runs the loop's seam on CUDA graphs. No labeling, training or reports.
 """
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -29,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 class R2RError(Exception):
     """Bad input: the scripts print its message as one line and exit with status 1."""
 
-# ----------------------------------------------------------------------------- features
+# ----------------------------------------------------------------------------- features and the router
 
 def forward(model, ids, cache=None, *, last=False, **kw):
     """One pass over `ids` (B, T) extending `cache` (`kw`: padded batches' mask, positions) -> the last hidden state
@@ -41,12 +37,10 @@ def forward(model, ids, cache=None, *, last=False, **kw):
 
 
 def router_inputs(slm, hidden, logits, tokens, k):
-    """The router's features (R2R Stage 2): SLM hidden state (N, H), top-k logits sorted (N, k), and the SLM's input
-    embedding of the token it is about to emit (N, H); one definition for labels and decoding, so both agree."""
+    """The router's features (Stage 2), for labels and decoding alike: SLM hidden state (N, H), sorted top-k logits
+    (N, k), and the SLM's input embedding of the token it is about to emit (N, H)."""
     topk = logits.float().topk(k, dim=-1).values  # (N, k)
     return hidden.float(), topk, slm.get_input_embeddings()(tokens).float()
-
-# ----------------------------------------------------------------------------- the router
 
 class Block(nn.Module):
     """Pre-norm residual MLP block: x + Dropout(W2 GELU(W1 LayerNorm(x)))."""
@@ -109,8 +103,8 @@ def confidence_scores(topk, generator=None):
     1 - top-1 probability, and a uniform random draw."""
     logp = F.log_softmax(topk.float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1) / math.log(topk.shape[-1])
-    rand = torch.rand(topk.shape[0], generator=generator, device=topk.device)
-    return dict(entropy=entropy.clamp(0, 1), top1=1 - logp[:, 0].exp(), random=rand)
+    return dict(entropy=entropy.clamp(0, 1), top1=1 - logp[:, 0].exp(),
+                random=torch.rand(topk.shape[0], generator=generator, device=topk.device))
 
 # ----------------------------------------------------------------------------- the four steps and the loop
 
@@ -135,8 +129,7 @@ def catch_up(llm, gap, cache, **kw):
 
 
 def sample(logits, temperature, top_p, u):
-    """Tokens (B,) from logits (B, V): argmax at temperature 0, else the top-p token where the cumulative probability
-    reaches u[b] (uniforms (B,)) times the top-p mass. No host read: it runs inside CUDA graphs too."""
+    """Tokens (B,) from logits (B, V): argmax at temperature 0, else where the top-p CDF reaches u (B,); no sync."""
     if temperature == 0:
         return logits.argmax(-1)
     p, idx = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)  # (B, V)
@@ -159,8 +152,7 @@ class Proposal(NamedTuple):
 
 @dataclass
 class Trace:
-    """What one decode did: the new tokens, which model wrote each (1 = LLM), the new tokens each
-    LLM call caught up on (the first call also reads the prompt), and the seconds it took."""
+    """One decode: new tokens, who wrote each (1 = LLM), new tokens each LLM call caught up on, seconds."""
     tokens: list = field(default_factory=list)
     from_llm: list = field(default_factory=list)
     catch_up: list = field(default_factory=list)
@@ -197,8 +189,7 @@ class Trace:
                    [g for x in traces for g in x.catch_up], sum(x.seconds for x in traces))
 
 class EagerEngine:
-    """The reference engine: steps 1-3 over two DynamicCaches. `decode` calls start(), then
-    propose() (steps 1-2) and catch_up() (step 3); fast.FastEngine does the same on static buffers."""
+    """Steps 1-3 over two DynamicCaches: `decode` calls start(), propose() (1-2), catch_up() (3); fast.py too."""
 
     def __init__(self, slm, llm, tok):
         self.slm, self.llm = slm, llm
@@ -207,9 +198,9 @@ class EagerEngine:
         # Stop ids: the tokenizer's EOS and every EOS id of the models' generation configs.
         eos = [tok.eos_token_id] + [m.generation_config.eos_token_id for m in models]
         self.eos = {i for e in eos if e is not None for i in ([e] if isinstance(e, int) else e)}
-        # The most tokens (prompt + response) that every model can place, or None.
+        # The most tokens (prompt + response) that every model can place.
         self.max_tokens = min(filter(None, (getattr(m.config.get_text_config(), "max_position_embeddings", None)
-                                            for m in models)), default=None)
+                                            for m in models)), default=sys.maxsize)
 
     def start(self, router, prompt_ids, *, route, threshold, temperature, top_p, generator, max_new_tokens):
         """A new prompt: empty caches (they grow as needed), and how steps 1-3 decide and pick."""
@@ -239,30 +230,20 @@ def decode_defaults(engine, router, threshold, eos):
 
 def room(engine, prompt_ids, max_new_tokens):
     """New tokens a prompt may get: max_new_tokens, or fewer where the models' positions end."""
-    if engine.max_tokens is None:
-        return max_new_tokens
     if len(prompt_ids) >= engine.max_tokens:
         raise R2RError(f"a prompt of {len(prompt_ids)} tokens leaves no room in the models' {engine.max_tokens} "
                        "positions: shorten it")
     return min(max_new_tokens, engine.max_tokens - len(prompt_ids))
 
 
-def fit(engine, prompts, max_new_tokens):
-    """Before any decoding: refuse a prompt past the models' positions; say once if responses stop short."""
-    if min(room(engine, p, max_new_tokens) for p in prompts) < max_new_tokens:
-        status(f"note: responses stop at the models' {engine.max_tokens} positions, before {max_new_tokens} new tokens")
-
-
 @torch.no_grad()
 def decode(engine, router, prompt_ids, *, max_new_tokens, mode="r2r", threshold=None, temperature=0.0, top_p=1.0,
            generator=None, eos=None, on_step=None):
-    """R2R's mixed decoding (Stage 3) of one prompt's token ids over `engine`'s two KV caches ->
-    Trace; mode "slm"/"llm" sends every token to one model through the same loop. Invariant after
-    n commits: the SLM cache holds prompt + n-1 new tokens (it reads the last next step); the LLM
-    cache holds prompt + new tokens up to its last call, `pending` the rest. No cache ever holds
-    an uncommitted token: nothing rolls back. Stops after an id in `eos` (default: the engine's),
-    after max_new_tokens, or at the models' last position. on_step(slm_cache, llm_cache, [trace])
-    after each step streams the text (generate.py) or checks the caches (tests)."""
+    """R2R's mixed decoding (Stage 3) of one prompt over `engine` -> Trace; mode "slm"/"llm" sends every token to one
+    model. After n commits the SLM cache holds prompt + n-1 new tokens (it reads the last next step), the LLM cache
+    prompt + new tokens up to its last call, `pending` the rest: no cache holds an uncommitted token, nothing rolls
+    back. Stops after an id in `eos` (default: the engine's), max_new_tokens or the last position. After each step:
+    on_step(slm_cache, llm_cache, [trace]), for streaming and tests."""
     threshold, eos = decode_defaults(engine, router, threshold, eos)
     n_new = room(engine, prompt_ids, max_new_tokens)
     engine.start(router, prompt_ids, route=mode == "r2r", threshold=threshold, temperature=temperature, top_p=top_p,
@@ -298,8 +279,7 @@ class Row(NamedTuple):
 
 @dataclass
 class BatchTrace:
-    """A batched decode: a Trace per row, its steps, and the gap (new tokens) of each batched LLM
-    call; len(calls) / steps is the share of steps that called the LLM."""
+    """A batched decode: a Trace per row, its steps, the new tokens each batched LLM call read, seconds."""
     traces: list
     steps: int = 0
     calls: list = field(default_factory=list)
@@ -309,14 +289,12 @@ class BatchTrace:
 @torch.no_grad()
 def decode_batch(engine, router, prompts, *, max_new_tokens, mode="r2r", threshold=None, temperature=0.0, top_p=1.0,
                  generators=None, eos=None, on_step=None):
-    """`decode` for B prompts at once over an EagerEngine's models: steps 1-4 with a batch dimension
-    -> BatchTrace. What differs: each live row commits one token a step, so all rows have read
-    equally many columns, and when ANY row is routed one catch-up (B, gap) serves the batch (a
-    step calls the LLM with probability 1-(1-s)^B at share s); routed rows take the LLM's token.
-    Prompts are left-padded to T columns (masked; positions count each row's own tokens); a row
-    that stops leaves the batch and both caches. Invariant after step n: the SLM cache holds
-    T + n - 1 columns, the LLM cache those up to its last call. Row b draws from generators[b] in
-    decode's order, so its Trace equals its batch-1 decode. on_step(slm_cache, llm_cache, live traces)."""
+    """`decode` for B prompts over an engine's models: steps 1-4 with a batch dimension -> BatchTrace. What
+    differs: each live row commits one token a step, so all rows have read equally many columns, and when ANY
+    row is routed one catch-up (B, gap) serves the batch (a step calls the LLM with probability 1-(1-s)^B at
+    share s); routed rows take the LLM's token. Prompts are left-padded to T columns (masked; positions count
+    each row's own tokens); a row that stops leaves the batch and both caches, so after step n the SLM cache
+    holds T + n - 1 columns. Row b draws from generators[b] in decode's order, so its Trace equals its batch-1."""
     threshold, eos = decode_defaults(engine, router, threshold, eos)
     slm, llm, V = engine.slm, engine.llm, engine.vocab_size
     B, T, dev = len(prompts), max(map(len, prompts)), llm.device
@@ -388,14 +366,12 @@ def status(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def parser(doc):
-    """An argparse parser whose --help keeps `doc`'s layout and shows every default."""
-    return argparse.ArgumentParser(description=doc, formatter_class=type("Help", (
+def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=False):
+    """A parser whose --help keeps `doc`'s layout and shows defaults, with the shared flags (pair, router, device)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=type("Help", (
         argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
-
-
-def add_common_args(p, router=True, prompts=None, split="train", engine=False):
-    """The flags the scripts share: the pair, its router, the device, and a prompt source."""
+    if not pair:
+        return p
     p.add_argument("--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder")
     p.add_argument("--llm", default=os.path.join(DEMO, "llm"), help="large model sharing the SLM's tokenizer")
     if router:
@@ -412,6 +388,7 @@ def add_common_args(p, router=True, prompts=None, split="train", engine=False):
         p.add_argument("--split", default=split, help="split of a hub dataset")
         p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
         p.add_argument("--answer-field", default="answer", help="field holding the final answer")
+    return p
 
 
 def check_args(args, **at_least):
@@ -422,12 +399,16 @@ def check_args(args, **at_least):
     if getattr(args, "engine", None) == "fast" and getattr(args, "batch_size", 1) > 1:
         raise R2RError("--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager")
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
-        raise R2RError(f"--device {args.device}, but torch sees no CUDA GPU here: leave --device out, or install a "
-                       "CUDA build of torch")
-    for flag in ("slm", "llm", "router", "prompts", "prompts_file"):
-        path = getattr(args, flag, None)
+        raise R2RError(f"--device {args.device}, but torch sees no CUDA GPU: leave --device out, or use a CUDA torch")
+    for flag, path in ((f, getattr(args, f, None)) for f in ("slm", "llm", "router", "prompts", "prompts_file")):
         if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or not HUB_NAME.fullmatch(path)):
             raise R2RError(f"--{flag.replace('_', '-')} {path} does not exist: give an existing path or a hub name")
+
+
+def fit(engine, prompts, max_new_tokens):
+    """Before any decoding: refuse a prompt past the models' positions; say once if responses stop short."""
+    if min(room(engine, p, max_new_tokens) for p in prompts) < max_new_tokens:
+        status(f"note: responses stop at the models' {engine.max_tokens} positions, before {max_new_tokens} new tokens")
 
 
 def pick_device(device=None, dtype=None):
@@ -452,8 +433,7 @@ def from_pretrained(loader, path, **kw):
     try:
         return loader.from_pretrained(os.path.expanduser(path), **kw)
     except OSError as e:
-        raise R2RError(f"cannot load {path} ({str(e).splitlines()[0]}); with HF_HUB_OFFLINE=1 only local "
-                       "folders and models already in the hub cache load")
+        raise R2RError(f"cannot load {path} ({str(e).splitlines()[0]}); offline, only folders and cached models load")
 
 
 def load_tokenizer(path):
@@ -499,7 +479,7 @@ def fingerprint(slm, tok):
 def load_router(path, slm, tok, device="cpu"):
     """Router.from_pretrained (a folder or a hub name) on `device`, checked against this SLM."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line; stdout may be --json
+        with contextlib.redirect_stdout(sys.stderr):  # huggingface_hub prints a status line; stdout may be --json
             router = Router.from_pretrained(path, map_location="cpu", strict=True)
     except (OSError, TypeError, ValueError, RuntimeError) as e:  # hub errors are OSErrors
         raise R2RError(f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
@@ -533,7 +513,7 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not isinstance(r.get(prompt_field), str) or not r[prompt_field].strip():
             raise R2RError(f"{source} row {i} has no text in a field '{prompt_field}' (fields: "
-                           f"{', '.join(r) if isinstance(r, dict) else '-'}): fill or delete the row, or name the field")
+                           f"{', '.join(r) if isinstance(r, dict) else '-'}): fill or delete the row, or name a field")
     if not rows:
         raise R2RError(f"{source} holds no prompts")
     return [{"prompt": r[prompt_field], "answer": None if r.get(answer_field) is None else str(r[answer_field])}

@@ -164,7 +164,7 @@ def save_router(router, folder):
 
 
 def main(argv=None):
-    p = r2r.parser(__doc__)
+    p = r2r.parser(__doc__, pair=False)
     # data
     p.add_argument("--labels", default="labels", help="folder written by label.py")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts for early stopping and the "
