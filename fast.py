@@ -1,35 +1,77 @@
 """
-fast.py: the fast engine, r2r.decode's seam (start, propose, catch_up) over static buffers and CUDA
-graphs, and the rule that picks an engine. A tutorial reader can skip it: the tokens are the eager
-engine's (fp32, tests/test_fast.py).
+fast.py: the fast engine, r2r.decode's seam (start, propose, catch_up) over static buffers, attention over the live
+length and CUDA graphs; and the rule that picks an engine. A tutorial reader can skip it: the tokens are the eager
+engine's (fp32, tests/test_fast.py and tests/test_context.py).
 
-What it adds to the loop. Both models write into a StaticCache sized once for prompt + response
-plus the largest catch-up bucket; each cache layer keeps its length as a device tensor, so one
-function serves every position. Steps 1-2 (SLM step, candidate, router score against a threshold
-held in a device tensor) are ONE function of the token fed: per token the host fills one number,
-replays one graph and reads back two (token, routed). Step 3 pads the gap to a power of two
-(1, 2, 4, ... max_bucket), one function per length: the padding writes junk K/V past the gap, which
-no query attends to (the mask is causal) and the next real tokens overwrite; each layer's length is
-set back to the real one inside the function, and the logits are read at the gap's last real token.
-On CUDA the one-token functions are compiled and every function is captured as a CUDA graph once
-per engine, at first use, and replayed for every prompt; off CUDA they run as plain calls (what the
-tests check). Sampling draws one uniform per pick from the prompt's generator in both engines
-(r2r.sample), so a seed gives the same tokens in both.
+What it adds to the loop. Both models write into a StaticCache sized once for prompt + response plus the largest
+catch-up bucket; each layer keeps its length as a device tensor, so one function serves every position. SDPA over a
+static cache reads every slot, live or not: every pass here names a context bucket (min_context, 2x, 4x, ..., the
+buffer: the smallest that holds the live length), and an attention function registered with transformers
+(ATTENTION) slices keys, values and mask to it (what it drops is masked anyway). Steps 1-2 (SLM step, candidate,
+router score against a threshold held in a device tensor) are ONE function of the token fed: per token the host
+fills one number, replays one graph and reads back two (token, routed). Step 3 pads the gap to a power of two
+(1, 2, 4, ... max_bucket): the padding writes junk K/V past the gap, which no query attends to (the mask is causal)
+and the next real tokens overwrite; each layer's length is set back to the real one inside the function, and the
+logits are read at the gap's last real token. One function per (step, catch-up bucket, context bucket), built at
+first use and kept for every prompt: on CUDA the one-token ones compiled and all captured as CUDA graphs, off CUDA
+plain calls (what the tests check). Sampling draws one uniform per pick from the prompt's generator in both engines.
 
-What it leaves out. Batches (r2r.decode_batch is eager); an LLM spread over several GPUs (a CUDA
-graph runs on one); sliding-window layers (Mistral, Gemma 2: their static layers count in Python
-ints it cannot reset); uncaptured are the prompt prefills, the first catch-up (it reads the prompt)
-and gaps over max_bucket. SDPA over a static cache reads every slot, live or not, so a step costs
-the buffer, not the context (docs/gpu.md); transformers' flex attention skips empty blocks but
-gave other tokens than eager under CUDA graphs, so the models keep SDPA.
+What it leaves out. Batches (r2r.decode_batch is eager); an LLM over several GPUs (a CUDA graph runs on one);
+sliding-window layers (Mistral, Gemma 2: their static layers count in Python ints it cannot reset); attention
+other than SDPA (it sets both models to ATTENTION: SDPA exactly where no bucket is named). Uncaptured: the
+prompts' prefills, the first catch-up (it reads the prompt), gaps over max_bucket. Flex attention also skips empty
+blocks, but gave other tokens than eager under CUDA graphs (docs/gpu.md).
 """
+import math
 import time
 from typing import Callable, NamedTuple
 
 import torch
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import r2r
+
+ATTENTION = "r2r_sdpa"  # the attention both models run under the fast engine
+
+
+def sdpa_over_bucket(module, query, key, value, attention_mask, *, context_bucket=None, **kw):
+    """transformers' SDPA; a call that names a context bucket attends over only the first `context_bucket` slots of
+    a static cache: keys, values (B, KVH, S, D) and mask (B, 1, T, S) become views that wide, no copy. The slots it
+    drops lie past the live length, which the mask hides anyway, so only the cost changes."""
+    if context_bucket is not None:
+        key, value = key[:, :, :context_bucket], value[:, :, :context_bucket]
+        attention_mask = None if attention_mask is None else attention_mask[..., :context_bucket]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+AttentionInterface.register(ATTENTION, sdpa_over_bucket)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # under a name it does not know, a model builds NO mask
+
+
+def attend(model, ids, cache, context):
+    """model reads ids (1, T) into its static cache, attending over `context` slots -> last hidden states (1, T, H)."""
+    return model.base_model(input_ids=ids, cache=cache, use_cache=True, context_bucket=context).last_hidden_state
+
+
+def kv_shape(model):
+    """Layers, KV heads and head size: a static cache holds keys and values (1, KVH, slots, D) in every layer."""
+    c = model.config.get_text_config()
+    return (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+
+def cache_bytes(model, slots):
+    return 2 * math.prod(kv_shape(model)) * slots * model.dtype.itemsize
+
+
+def activation_bytes(model, tokens, context):
+    """About the most one pass of `tokens` tokens over `context` slots holds at once, one layer's worth (no_grad
+    frees each layer's): keys and values repeated to every head (GQA under a mask), scores, the MLP's halves."""
+    c, D = model.config.get_text_config(), kv_shape(model)[2]
+    attention = c.num_attention_heads * context * (2 * D + tokens)
+    return (attention + tokens * (3 * c.intermediate_size + 4 * c.hidden_size)) * model.dtype.itemsize
 
 
 def refusal(slm, llm):
@@ -76,18 +118,22 @@ class Captured(NamedTuple):
 
 
 class FastEngine(r2r.EagerEngine):
-    """r2r.EagerEngine's seam over static buffers for prompt + response up to `max_tokens`."""
+    """r2r.EagerEngine's seam over static buffers for prompt + response up to `max_tokens`, attending over context
+    buckets min_context, 2x, 4x, ... (min_context at least the buffer: one bucket, every slot read)."""
 
-    def __init__(self, slm, llm, tok, *, max_tokens, max_bucket=64, graphs=None):
-        why = refusal(slm, llm)
-        if why:
+    def __init__(self, slm, llm, tok, *, max_tokens, max_bucket=64, min_context=256, graphs=None):
+        if why := refusal(slm, llm):
             raise r2r.R2RError(f"{why}: use --engine eager")
         super().__init__(slm, llm, tok)
         self.size = max_tokens
         self.graphs = llm.device.type == "cuda" if graphs is None else graphs
         self.buckets = [1 << i for i in range(max_bucket.bit_length())]  # catch-up lengths 1, 2, 4, ... <= max_bucket
-        self.slm_cache = StaticCache(config=slm.config, max_cache_len=max_tokens + self.buckets[-1])
-        self.llm_cache = StaticCache(config=llm.config, max_cache_len=max_tokens + self.buckets[-1])
+        slots = max_tokens + self.buckets[-1]  # the largest padded catch-up may start at max_tokens
+        self.contexts = [min_context << i for i in range(((slots - 1) // min_context).bit_length())] + [slots]
+        for m in (slm, llm):  # SDPA still; the engine's calls name a context bucket
+            m.set_attn_implementation(ATTENTION)
+        self.slm_cache = StaticCache(config=slm.config, max_cache_len=slots)
+        self.llm_cache = StaticCache(config=llm.config, max_cache_len=slots)
         self.fed = torch.zeros(1, 1, dtype=torch.long, device=slm.device)  # (1, 1) the token the SLM reads next
         self.u_slm = torch.zeros(1, device=slm.device)  # (1,) the uniform of the SLM's next pick
         self.u_llm = torch.zeros(1, device=llm.device)  # (1,) the same for the LLM's
@@ -95,9 +141,20 @@ class FastEngine(r2r.EagerEngine):
                                device=slm.device)  # () the threshold; float64 where it exists, as r2r.route
         self.gap_ids = {P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in self.buckets}  # (1, P)
         self.gap = torch.ones(1, dtype=torch.long, device=llm.device)  # (1,) real tokens in the padded gap
-        self.fns = {}
-        self.setup_seconds = 0.0
+        self.fns, self.setup_seconds = {}, 0.0  # captured functions by key; seconds spent capturing them
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        r2r.status(self.plan())
+
+    def plan(self):
+        """What the engine allocates, in one line: its caches, and about the largest captured function's activations."""
+        slots, P, mib = self.contexts[-1], self.buckets[-1], lambda n: f"{n / 2**20:.0f} MiB"
+        return (f"fast engine: static caches of {slots} tokens, SLM {mib(cache_bytes(self.slm, slots))}, LLM "
+                f"{mib(cache_bytes(self.llm, slots))}; context buckets {' '.join(map(str, self.contexts))}; a catch-up "
+                f"of {P} over all {slots} slots holds about {mib(activation_bytes(self.llm, P, slots))} of activations")
+
+    def bucket(self, n):
+        """The smallest context bucket that holds n tokens."""
+        return next(c for c in self.contexts if c >= n)
 
     def start(self, router, prompt_ids, *, route, threshold, temperature, top_p, generator, max_new_tokens):
         if len(prompt_ids) + max_new_tokens > self.size:
@@ -117,12 +174,15 @@ class FastEngine(r2r.EagerEngine):
     def propose(self, fed):
         """Steps 1-2: the prompt's prefill runs uncaptured (any length), each later token in one function."""
         self.draw(self.u_slm)
-        if self.slm_seen == 0:
-            hidden, logits = r2r.slm_step(self.slm, torch.tensor([fed]), self.slm_cache, self.vocab_size)
+        if self.slm_seen == 0:  # after what the cache holds: nothing, or a context bench.py filled
+            self.slm_seen = int(self.slm_cache.get_seq_length())
+            ids = torch.tensor([fed], device=self.slm.device)  # (1, T)
+            hidden = attend(self.slm, ids, self.slm_cache, self.bucket(self.slm_seen + len(fed)))[:, -1]  # (1, H)
+            logits = self.slm.get_output_embeddings()(hidden)[:, :self.vocab_size]  # (1, V)
             out = self._decide(hidden, logits, self.route, self.temperature, self.top_p)
         else:
             self.fed.fill_(fed[0])
-            out = self._slm_fn(self.route, self.temperature, self.top_p)()
+            out = self._slm_fn(self.bucket(self.slm_seen + 1), self.route, self.temperature, self.top_p)()
         self.slm_seen += len(fed)
         token, routed = out.tolist()
         return r2r.Proposal(token, bool(routed))
@@ -134,12 +194,14 @@ class FastEngine(r2r.EagerEngine):
         ids = torch.tensor([gap], device=self.llm.device)  # (1, gap)
         if self.llm_seen and len(gap) <= self.buckets[-1]:
             P = 1 << (len(gap) - 1).bit_length()
-            fn = self._llm_fn(P, self.temperature, self.top_p)  # first: building it sets self.gap
+            fn = self._llm_fn(P, self.bucket(self.llm_seen + P), self.temperature, self.top_p)  # first: sets self.gap
             self.gap_ids[P][:, :len(gap)] = ids
             self.gap.fill_(len(gap))
             token = fn().item()
         else:
-            logits = r2r.catch_up(self.llm, ids, self.llm_cache)[:, :self.vocab_size]  # (1, V)
+            self.llm_seen = self.llm_seen or int(self.llm_cache.get_seq_length())  # as in propose
+            hidden = attend(self.llm, ids, self.llm_cache, self.bucket(self.llm_seen + len(gap)))[:, -1]  # (1, H)
+            logits = self.llm.get_output_embeddings()(hidden)[:, :self.vocab_size]  # (1, V)
             token = r2r.sample(logits, self.temperature, self.top_p, self.u_llm).item()
         self.llm_seen += len(gap)
         return token
@@ -152,46 +214,50 @@ class FastEngine(r2r.EagerEngine):
         feats = r2r.router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])
         return torch.cat([token, (torch.sigmoid(self.router(*feats)).to(self.cut) >= self.cut).long()])
 
-    def _slm_fn(self, route, temperature, top_p):
+    def _slm_fn(self, context, route, temperature, top_p):
         """Steps 1-2 for the token in self.fed, as one captured function -> (2,): candidate, routed."""
         def fn():
-            hidden, logits = r2r.slm_step(self.slm, self.fed, self.slm_cache, self.vocab_size)  # (1, H), (1, V)
+            hidden = attend(self.slm, self.fed, self.slm_cache, context)[:, -1]  # (1, H)
+            logits = self.slm.get_output_embeddings()(hidden)[:, :self.vocab_size]  # (1, V)
             return self._decide(hidden, logits, route, temperature, top_p)
-        return self._captured(("slm", route, temperature, top_p, id(self.router) if route else None), fn, True)
+        return self._captured(("slm", context, route, temperature, top_p, id(self.router) if route else None), fn, True)
 
-    def _llm_fn(self, P, temperature, top_p):
+    def _llm_fn(self, P, context, temperature, top_p):
         """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P -> the LLM's token (1,)."""
         self.gap.fill_(P)  # any gap <= P is valid while capturing; the caller sets the real one after
 
         def fn():
             start = self.llm_cache.layers[0].cumulative_length.clone()
-            out = self.llm.base_model(input_ids=self.gap_ids[P], cache=self.llm_cache, use_cache=True)
+            hidden = attend(self.llm, self.gap_ids[P], self.llm_cache, context)  # (1, P, H)
             for layer in self.llm_cache.layers:  # forget the padding
                 layer.cumulative_length.copy_(start + self.gap[0])
-            logits = self.llm.get_output_embeddings()(out.last_hidden_state[:, self.gap - 1])  # (1, 1, V)
+            logits = self.llm.get_output_embeddings()(hidden[:, self.gap - 1])  # (1, 1, V)
             return r2r.sample(logits[:, 0, :self.vocab_size], temperature, top_p, self.u_llm)
-        return self._captured(("llm", P, temperature, top_p), fn, P == 1)
+        return self._captured(("llm", P, context, temperature, top_p), fn, P == 1)
 
     @torch.no_grad()  # captured and compiled for inference, as decode runs them
-    def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0):
-        """Capture every function a decode in `mode` can use now, not at its first use (bench.py
-        times decodes with no capture inside). Needs allocated caches: call it after a decode."""
-        self.router = router
-        if mode != "llm":
-            self._slm_fn(mode == "r2r", temperature, top_p)
+    def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0, up_to=None):
+        """Capture now every function a decode in `mode` up to `up_to` tokens can use (bench.py times decodes with no
+        capture inside). Needs allocated caches: call it after a decode."""
+        self.router, up_to = router, min(up_to or self.size, self.size)
+        for c in self.contexts[:self.contexts.index(self.bucket(up_to)) + 1] if mode != "llm" else []:
+            self._slm_fn(c, mode == "r2r", temperature, top_p)
         for P in self.buckets if mode != "slm" else []:
-            self._llm_fn(P, temperature, top_p)
+            for c in self.contexts[:self.contexts.index(self.bucket(up_to + P)) + 1]:
+                self._llm_fn(P, c, temperature, top_p)
 
     def _captured(self, key, fn, compiled):
-        """fn, built once per key."""
+        """fn, built once per key, under no_grad: a function that recorded autograd would keep what it saved."""
         if key not in self.fns:
-            self.fns[key] = Captured(self.router, self._capture(fn, compiled))
+            self.fns[key] = Captured(self.router, self._capture(torch.no_grad()(fn), compiled))
         return self.fns[key].fn
 
     def _capture(self, fn, compiled):
         """fn as a CUDA graph replayed on each call (compiled first if `compiled`), or fn itself off CUDA."""
         if not self.graphs:
             return fn
+        # Every key's function is a closure of the same code: dynamo counts each against one recompile limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.fns) + 8)
         t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -202,8 +202,8 @@ def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
     assert lengths[0] == len(ids) + n - 1 and lengths[-1] >= len(ids) + n - 3, "the test needs full buffers"
     state = eng.router.generator.get_state()
     for P in eng.buckets:
-        eng._warm_up(eng._llm_fn(P, 0.0, 1.0))
-    eng._warm_up(eng._slm_fn(True, 0.0, 1.0))
+        eng._warm_up(eng._llm_fn(P, eng.contexts[-1], 0.0, 1.0))
+    eng._warm_up(eng._slm_fn(eng.contexts[-1], True, 0.0, 1.0))
     assert [int(layer.cumulative_length) for layer in layers] == lengths
     assert torch.equal(eng.router.generator.get_state(), state)
     eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), router(), ids, max_new_tokens=n, eos=set())
