@@ -1,25 +1,27 @@
 """
-bench.py: R2R's speed at batch size 1 in both engines, against LLM only and against the floor
-that the weights' bytes set.
+bench.py: R2R's speed at batch size 1 in both engines, against LLM only and against the floors that reading
+the weights (per step) and the KV cache (per token of context) set.
 
     python bench.py                                   # the demo pair (or --slm/--llm/--router)
+    python bench.py --pair qwen3-0.6b+1.7b --contexts 300 4096 --buffers 1024 16384  # real sizes, CPU (docs/speed.md)
     python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
     python bench.py --batch-sizes 1 2 4 8 16          # R2R against LLM only as the batch grows
 
-For each engine (r2r.EagerEngine; fast.FastEngine) and each of SLM only, LLM only
-and R2R it decodes the same prompts and reports ms per new token; R2R's speedup over LLM only
-in the same engine and over eager LLM only; the floor, weight bytes over a memory bandwidth
-measured in the same run (a decode step reads every weight once), and measured / floor; the
-fast engine's capture and compile seconds (paid once, not in the timings); peak GPU memory;
-a prediction, SLM step + s x LLM step at an LLM share s, for deciding before a run; and how
-many greedy tokens the two engines share (exactly all in fp32; bf16 kernels differ).
-With --pair NAME the models are randomly initialised from published configs, and a random
-router sends --share of the tokens to the LLM (the paper's R1-1.5B + R1-32B: about 13%).
-Warm-up runs first; on a GPU every clock is read after a synchronize.
-With --batch-sizes it prints instead, for each batch size B, the tokens per second of SLM only,
-LLM only and R2R (r2r.decode_batch for all three), and how many steps called the LLM: a
-batch calls it when any of its rows is routed, 1-(1-s)^B of the steps at an LLM share s.
+Per engine (r2r.EagerEngine; fast.FastEngine) and mode (SLM only, LLM only, R2R): ms per new token, the first
+step (the prompt's prefill) timed apart, each figure the median of --repeats runs with min and max; R2R's speedup
+over LLM only; the floor (weight bytes over a bandwidth measured in the same run: a step reads every weight once);
+capture seconds (once, untimed); peak memory against the weights; a prediction, SLM step + s x LLM step at LLM
+share s; how many greedy tokens the engines share (all, in fp32). --contexts: per engine, the SLM step, LLM step
+and a catch-up of 8 at each context, and their slopes in ms per 1K tokens against the floor of reading the KV
+cache; the caches are filled with zeros, not a prompt (a step costs the same whatever they hold; a 4K-token
+prefill of a 1.7B model takes minutes on a CPU). --buffers: the fast engine's SLM step at the first context,
+buffers of each size, over context buckets and over one. --pair: random weights from published configs and a
+random router sending --share of the tokens to the LLM (the paper: about 13%). --batch-sizes: instead, tokens
+per second of each mode by batch size B (r2r.decode_batch), and the steps that called the LLM: 1-(1-s)^B at s.
 """
+import gc
+import resource
+import statistics
 import time
 
 import torch
@@ -31,8 +33,7 @@ import r2r
 # Published configs (the fields that set a model's cost): random weights at real size,
 # here and in demo/rehearse.py.
 QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
-QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0,
-             max_position_embeddings=40960)
+QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960)
 CONFIGS = {
     "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                     intermediate_size=8960, tie_word_embeddings=False),
@@ -40,35 +41,41 @@ CONFIGS = {
                    intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
     "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        intermediate_size=3072, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(QWEN3, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=6144, tie_word_embeddings=True),
     "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=12288, tie_word_embeddings=False),
     "qwen3-14b": dict(QWEN3, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
                       intermediate_size=17408, tie_word_embeddings=False),
 }
-PAIRS = {"r1-1.5b+32b": ("r1-1.5b", "r1-32b"), "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b")}
+PAIRS = {"r1-1.5b+32b": ("r1-1.5b", "r1-32b"), "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b"),
+         "qwen3-0.6b+1.7b": ("qwen3-0.6b", "qwen3-1.7b")}  # fits a 24 GB CPU machine in fp32
+MODES = ("slm", "llm", "r2r")
+GAP = 8  # tokens of the catch-up timed at each context: about the mean gap at a 13% LLM share
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, reps):
-    """Mean latency of fn() in seconds, after one warm-up call. Each call is waited for:
-    the decode loop must read every result before it can take its next decision, so on a
-    GPU the host's launch time and the kernels' run time add up rather than overlap."""
-    fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
+def measure(fn, device, reps, warm=1):
+    """Seconds of each of `reps` calls of fn(), after `warm` untimed ones. Each call is waited for: the decode
+    loop must read every result before it can take its next decision, so on a GPU the host's launch time and the
+    kernels' run time add up rather than overlap."""
+    for _ in range(warm):
         fn()
-        sync(device)
-    return (time.perf_counter() - t) / reps
+    r2r.elapsed(0.0, device)  # what the warm-up queued has run
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(r2r.elapsed(t, device))
+    return times
+
+
+def spread(xs, scale=1.0, digits=2):
+    """Repeated measurements as their median with min and max, as benchmark tools print them."""
+    return f"{scale * statistics.median(xs):.{digits}f} ({scale * min(xs):.{digits}f}-{scale * max(xs):.{digits}f})"
 
 
 class Vocab:
-    """What the engines read of a tokenizer, for random-weight pairs that decode no text: its
-    length (151,643 ids for these Qwen families) and no EOS."""
+    """A tokenizer's length (151,643 ids in these Qwen families) and no EOS: what random-weight pairs need of one."""
     eos_token_id = None
 
     def __len__(self):
@@ -88,40 +95,55 @@ def random_pair(name, device, dtype):
 
 
 def bandwidth(device):
-    """Bytes per second of a device-to-device copy, counting bytes read and written:
-    the memory speed that the floor below divides by, measured in the same run."""
+    """Bytes per second of a device copy, read and written (the median of 10): what the floors divide by."""
     x = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)  # (n,) fp32: 1 GiB, 128 MiB off CUDA
     y = torch.empty_like(x)
-    return 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x), device, 10)
+    return 2 * x.numel() * x.element_size() / statistics.median(measure(lambda: y.copy_(x), device, 10))
 
 
 def weight_bytes(model):
-    """Bytes a decode step reads: every weight, but of an input embedding that is not also the
-    lm_head only one row."""
+    """Bytes a decode step reads: every weight, but only one row of an input embedding that is not the lm_head."""
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     unread = 0 if emb is head else emb.numel() * emb.element_size()
     return sum(p.numel() * p.element_size() for p in model.parameters()) - unread
 
 
 def run_engine(slm, llm, tok, router, prompts, kind, args, **kw):
-    """SLM only, LLM only and R2R through one engine: per mode (traces, ms per token), the
-    engine's capture/compile seconds and its peak GPU memory."""
+    """SLM only, LLM only and R2R through one engine, --repeats times: per mode its traces, ms per token of each
+    run and seconds of each decode's first step (the prefill); capture seconds; peak bytes."""
     engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max(map(len, prompts)) + args.max_new_tokens)
     if getattr(router, "generator", None) is not None:
         router.generator.manual_seed(0)  # both engines route with the same draws
     if slm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slm.device)
-    results = {}
-    for mode in ("slm", "llm", "r2r"):
+    for mode in MODES:
         r2r.decode(engine, router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw)  # warm-up
-        if kind == "fast":
-            engine.prepare(router, mode=mode)  # every graph captured before the clock runs
-        traces = [r2r.decode(engine, router, p, max_new_tokens=args.max_new_tokens, mode=mode, **kw) for p in prompts]
-        n = sum(len(t.tokens) for t in traces)
-        results[mode] = traces, 1000 * sum(t.seconds for t in traces) / n
-        r2r.status(f"  {kind} {mode}: {results[mode][1]:.2f} ms/token")
-    peak = f"{torch.cuda.max_memory_allocated(slm.device) / 2**30:.1f}" if slm.device.type == "cuda" else "-"
-    return results, getattr(engine, "setup_seconds", 0.0), peak
+        if kind == "fast":  # every graph captured before the clock runs
+            engine.prepare(router, mode=mode, up_to=max(map(len, prompts)) + args.max_new_tokens)
+    traces, ms, prefill = ({m: [] for m in MODES} for _ in range(3))
+    for _ in range(args.repeats):  # modes interleaved: a busy spell on the machine hits them alike
+        for mode in MODES:
+            runs = [timed_decode(engine, router, p, mode, args, kw) for p in prompts]  # (trace, prefill, steps)
+            ms[mode].append(1000 * sum(sum(s) for *_, s in runs) / max(sum(len(s) for *_, s in runs), 1))
+            traces[mode] += [t for t, _, _ in runs]
+            prefill[mode] += [first for _, first, _ in runs]
+        r2r.status(f"  {kind}: " + ", ".join(f"{m} {ms[m][-1]:.2f}" for m in MODES) + " ms/token")
+    peak = torch.cuda.max_memory_allocated(slm.device) if slm.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak resident set (Linux: KiB)
+    return traces, ms, prefill, getattr(engine, "setup_seconds", 0.0), peak
+
+
+def timed_decode(engine, router, prompt, mode, args, kw):
+    """A decode, the seconds of its first step (the prompt's prefill) and of each later step. In R2R the LLM reads
+    the prompt at its first call: that step is priced as its later calls (their median) where it has any."""
+    stamps = []
+    trace = r2r.decode(engine, router, prompt, max_new_tokens=args.max_new_tokens, mode=mode,
+                       on_step=lambda *_: stamps.append(time.perf_counter()), **kw)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 1, 2, ...
+    routed = [i for i, f in enumerate(trace.from_llm[1:]) if f]
+    if mode == "r2r" and routed and not trace.from_llm[0]:
+        steps[routed[0]] = statistics.median([steps[i] for i in routed[1:]] or [steps[routed[0]]])  # none: whole
+    return trace, trace.seconds - (stamps[-1] - stamps[0]), steps
 
 
 def agreement(a, b):
@@ -131,64 +153,125 @@ def agreement(a, b):
     return sum(x == y for x, y in pairs) / max(len(pairs), 1), "none" if first is None else first
 
 
-def engine_table(slm, llm, tok, router, prompts, args, **kw):
-    """Both engines side by side (README, "Two engines"): ms per token against the floor that
-    weight bytes over the measured bandwidth give, speedups, setup cost, memory, agreement."""
-    bw = bandwidth(slm.device)
+def engine_table(slm, llm, tok, router, prompts, args, bw, **kw):
+    """Both engines side by side: ms per token against the floor that weight bytes over the measured bandwidth
+    give, speedups, setup cost, memory against the weights, prefills, a prediction, agreement."""
     floor = {"slm": weight_bytes(slm) / bw * 1e3, "llm": weight_bytes(llm) / bw * 1e3}
     runs = {e: run_engine(slm, llm, tok, router, prompts, e, args, **kw) for e in args.engines}
-    traces = runs[args.engines[-1]][0]["r2r"][0]
-    n = sum(len(t.tokens) for t in traces)
-    share = sum(sum(t.from_llm) for t in traces) / n
+    traces = runs[args.engines[-1]][0]["r2r"]
+    share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
     calls = [g for t in traces for g in t.catch_up[1:]]  # the first call also reads the prompt
     floor["r2r"] = floor["slm"] + share * floor["llm"]
-    print(f"bandwidth {bw / 1e12:.2f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
-          f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens")
+    weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
+    print(f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
+          f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens; "
+          f"{args.repeats} runs, ms: median (min-max); peak: {'CUDA' if slm.device.type == 'cuda' else 'process RSS'}")
     print("| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine | over eager LLM only "
-          "| capture+compile s | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
-    eager_llm = runs["eager"][0]["llm"][1] if "eager" in runs else float("nan")
-    for engine, (results, setup, peak) in runs.items():
-        for mode, (_, ms) in results.items():
-            fast = f"{results['llm'][1] / ms:.2f}x | {eager_llm / ms:.2f}x" if mode == "r2r" else " | "
-            print(f"| {engine} | {mode} | {ms:.2f} | {floor[mode]:.2f} | {ms / floor[mode]:.2f} | {fast} "
-                  f"| {setup:.0f} | {peak} |")
+          "| first step (prefill) ms | capture+compile s | peak GiB / weights |\n" + "|---" * 10 + "|")
+    med = {e: {m: statistics.median(x) for m, x in run[1].items()} for e, run in runs.items()}
+    for engine, (_, ms, prefill, setup, peak) in runs.items():
+        for mode, m in med[engine].items():
+            eager = f"{med['eager']['llm'] / m:.2f}x" if "eager" in runs else "-"  # no eager run: nothing to divide
+            speedups = f"{med[engine]['llm'] / m:.2f}x | {eager}" if mode == "r2r" else " | "
+            print(f"| {engine} | {mode} | {spread(ms[mode])} | {floor[mode]:.2f} | {m / floor[mode]:.2f} | {speedups} "
+                  f"| {spread(prefill[mode], 1e3)} | {setup:.0f} | {peak / 2**30:.1f} / {weights / 2**30:.1f} |")
     # What the parts predict: an SLM step per token, plus an LLM call for a share s of them (a
     # catch-up of a few tokens costs about one LLM step: both read every weight once).
-    for engine, (results, _, _) in runs.items():
-        ms = {m: r[1] for m, r in results.items()}
+    for engine, ms in med.items():
         for s in sorted({round(share, 3), 0.13}):
             pred = ms["slm"] + s * ms["llm"]
             print(f"{engine}: predicted R2R at LLM share {s:.1%}: {pred:.2f} ms/token, {ms['llm'] / pred:.2f}x over "
                   f"LLM only" + (f" (measured {ms['r2r']:.2f})" if s == round(share, 3) else ""))
     if len(runs) == 2:
-        for mode in ("slm", "llm", "r2r"):
-            same, first = agreement(*(runs[e][0][mode][0] for e in args.engines))
+        for mode in MODES:
+            same, first = agreement(*(runs[e][0][mode] for e in args.engines))
             print(f"greedy tokens and routing, fast vs eager, {mode}: {same:.1%} identical, first difference at "
                   f"token {first}")
 
 
+def fill(engine, context, llm=True):
+    """A started engine's caches (the SLM's; the LLM's too if `llm`) holding `context` zeros, as after a prompt."""
+    for model, cache in ((engine.slm, engine.slm_cache), (engine.llm, engine.llm_cache))[:1 + llm]:
+        layers, heads, D = fast.kv_shape(model)
+        kv = torch.zeros(1, heads, context, D, dtype=model.dtype, device=model.device)  # (1, KVH, context, D)
+        for i in range(layers):
+            cache.update(kv, kv, i)
+
+
+@torch.no_grad()  # as r2r.decode: with autograd on, the caches would keep every step's graph
+def step_times(engine, context, reps, parts):
+    """Seconds per call of each of `parts` (SLM step, LLM step, catch-up of GAP tokens) at `context` tokens, `reps`
+    calls each after two untimed ones (the first reads the filled cache uncaptured, the second captures on CUDA)."""
+    gc.collect()  # engines built before hold their caches in reference cycles: free them before filling these
+    engine.start(None, [0] * context, route=False, threshold=0.0, temperature=0.0, top_p=1.0, generator=None,
+                 max_new_tokens=room(reps))
+    fill(engine, context, llm=parts != ["slm"])
+    calls = {"slm": lambda: engine.propose([0]), "llm": lambda: engine.catch_up([0]),
+             "gap": lambda: engine.catch_up([0] * GAP)}
+    return {part: measure(calls[part], engine.llm.device, reps, warm=2) for part in parts}
+
+
+def room(reps):  # tokens that step_times adds to a context
+    return (reps + 2) * (GAP + 2)
+
+
+def context_table(slm, llm, tok, args, bw):
+    """Per engine, the SLM step, LLM step and a catch-up at each context, and their slopes against the floor
+    of reading the KV cache (its bytes over the bandwidth); then the fast engine's SLM step by buffer size."""
+    print(f"| engine | context | SLM step ms | LLM step ms | catch-up of {GAP} ms |\n|---|---|---|---|---|")
+    for kind in args.engines:
+        engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max(args.contexts) + room(args.repeats))
+        times = {c: step_times(engine, c, args.repeats, ["slm", "llm", "gap"]) for c in args.contexts}
+        for c, t in times.items():
+            print(f"| {kind} | {c} | {spread(t['slm'], 1e3)} | {spread(t['llm'], 1e3)} | {spread(t['gap'], 1e3)} |")
+        if len(times) > 1:
+            ks = [statistics.linear_regression(args.contexts, [1e6 * statistics.median(t[p]) for t in times.values()])
+                  for p in ("slm", "llm", "gap")]
+            print(f"| {kind} | slope, ms per 1K tokens | " + " | ".join(f"{k.slope:+.2f}" for k in ks) + " |")
+    kv = {m: fast.cache_bytes(m, 1000) / bw * 1e3 for m in (slm, llm)}
+    print(f"| floor | KV bytes of 1K tokens / bandwidth | +{kv[slm]:.2f} | +{kv[llm]:.2f} | +{kv[llm]:.2f} |")
+    if not args.buffers:
+        return
+    c = args.contexts[0]
+    print(f"| fast engine, buffer | context buckets | SLM step at context {c}, ms | same, one bucket: the whole "
+          "buffer |\n|---|---|---|---|")
+    ms = {}
+    for buffer in args.buffers:
+        for one in (False, True):  # the ladder, and one bucket (min_context past the buffer)
+            engine = fast.FastEngine(slm, llm, tok, max_tokens=buffer, min_context=2 * buffer + 128 if one else 256)
+            ms[buffer, one] = step_times(engine, c, args.repeats, ["slm"])["slm"]
+            contexts = contexts if one else " ".join(map(str, engine.contexts))
+        print(f"| {buffer} | {contexts} | {spread(ms[buffer, False], 1e3)} | {spread(ms[buffer, True], 1e3)} |")
+    lo, hi = min(args.buffers), max(args.buffers)
+    print(f"fast SLM step at context {c}, buffer {hi} over {lo}: " + ", ".join(
+        f"{statistics.median(ms[hi, one]) / statistics.median(ms[lo, one]):.2f}x {what}"
+        for one, what in ((False, "over context buckets"), (True, "over one bucket"))))
+
+
 def batch_table(slm, llm, tok, router, prompts, args, **kw):
-    """The batch-size curve: for each B, tokens per second of every mode over the same
-    prompts, B at a time, and the share of R2R's steps that called the LLM."""
+    """The batch-size curve: tokens per second of every mode over the same prompts, B at a time; R2R's LLM calls."""
     print("| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
           "| 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n|---|---|---|---|---|---|---|---|---|")
+    engine = r2r.EagerEngine(slm, llm, tok)
     for B in args.batch_sizes:
-        speed = {}
-        for mode in ("slm", "llm", "r2r"):
-            engine = r2r.EagerEngine(slm, llm, tok)
-            r2r.decode_batch(engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)  # warm-up
+        speed = {m: [] for m in MODES}
+        for mode in MODES * args.repeats:  # each figure the median of --repeats runs, the modes interleaved
+            if not speed[mode]:
+                r2r.decode_batch(engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)  # warm-up
             runs = [r2r.decode_batch(engine, router, prompts[i:i + B], max_new_tokens=args.max_new_tokens,
                                      mode=mode, **kw) for i in range(0, len(prompts), B)]
             traces = [t for run in runs for t in run.traces]
             n = sum(len(t.tokens) for t in traces)
-            speed[mode] = n / sum(run.seconds for run in runs)
+            speed[mode].append(n / sum(run.seconds for run in runs))
         s = sum(sum(t.from_llm) for t in traces) / n  # R2R's, the last mode run
         steps = sum(run.steps for run in runs)
         # The formula at each step's own batch: rows that reached EOS have left it.
         live = [sum(len(t.tokens) > i for t in run.traces) for run in runs for i in range(run.steps)]
-        print(f"| {B} | {speed['slm']:.0f} | {speed['llm']:.0f} | {speed['r2r']:.0f} | {s:.1%} "
+        tps = {m: spread(x, digits=0) for m, x in speed.items()}
+        print(f"| {B} | {tps['slm']} | {tps['llm']} | {tps['r2r']} | {s:.1%} "
               f"| {sum(len(run.calls) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
-              f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | {speed['r2r'] / speed['llm']:.2f}x |")
+              f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | "
+              f"{statistics.median(speed['r2r']) / statistics.median(speed['llm']):.2f}x |")
     if slm.device.type == "cuda":
         gib = torch.cuda.max_memory_allocated(slm.device) / 2**30
         print(f"{torch.cuda.get_device_name(slm.device)}: peak memory {gib:.1f} GiB")
@@ -205,14 +288,22 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (published pairs: "
                    "exactly this many, no EOS)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every measurement: each figure is their median")
+    p.add_argument("--contexts", type=int, nargs="*", default=[], help="also time each step at these context "
+                   "lengths, e.g. 256 1024 4096 (the caches filled with zeros: no prefill)")
+    p.add_argument("--buffers", type=int, nargs="*", default=[], help="with --contexts: the fast engine's SLM step "
+                   "at the first context with buffers of these sizes, e.g. 1024 16384")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="print the batch-size table instead "
                    "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)")
     p.add_argument("--memory-snapshot", default=None, help="CUDA: record every allocation and write a snapshot to "
                    "this .pickle at the end, or when memory runs out (open it at pytorch.org/memory_viz)")
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
-    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, *sizes) < 1:
-        raise r2r.R2RError("--share must lie in [0, 1]; counts and batch sizes must be at least 1")
+    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.repeats, *sizes,
+                                       *args.contexts) < 1:
+        raise r2r.R2RError("--share must lie in [0, 1]; counts, contexts and batch sizes must be at least 1")
+    if args.buffers and min(args.buffers) < (args.contexts or [1 << 60])[0] + room(args.repeats):
+        raise r2r.R2RError(f"--buffers needs --contexts, and buffers that hold the first + {room(args.repeats)} tokens")
     args.n_prompts = -(-args.n_prompts // max(sizes)) * max(sizes)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -236,7 +327,10 @@ def main(argv=None):
     if args.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     try:
-        engine_table(slm, llm, tok, router, prompts, args, eos=eos, generator=gen)
+        bw = bandwidth(device)
+        engine_table(slm, llm, tok, router, prompts, args, bw, eos=eos, generator=gen)
+        if args.contexts:
+            context_table(slm, llm, tok, args, bw)
     finally:  # an out-of-memory error is when the snapshot is most wanted
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(args.memory_snapshot)

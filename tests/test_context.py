@@ -1,12 +1,13 @@
 """The fast engine's context buckets (fast.FastEngine, min_context): every pass attends over the smallest bucket
 that holds the live length. Against the eager engine and a full recompute, on a short ladder (16, 32, 64, ...)
-so that tiny decodes cross several buckets; what the engine allocates."""
+so that tiny decodes cross several buckets; what the engine allocates; bench.py's context and buffer tables."""
 import os
 
 import pytest
 import torch
 from transformers import Cache, Qwen3Config, Qwen3ForCausalLM
 
+import bench
 import fast
 import r2r
 from conftest import PAIRS, ROOT, tiny_model
@@ -157,3 +158,42 @@ def test_one_bucket_is_the_whole_buffer(models, tok):
     eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(ROUTED), ids, max_new_tokens=30, eos=set())
     assert eng.contexts == [124] and same(r2r.decode(eng, ScheduleRouter(ROUTED), ids, max_new_tokens=30, eos=set()),
                                           eager)
+
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128)
+
+
+def tiny_pair(monkeypatch):
+    for name in ("qwen3-0.6b", "qwen3-1.7b"):
+        monkeypatch.setitem(bench.CONFIGS, name, dict(bench.CONFIGS[name], **TINY))
+
+
+def test_bench_context_and_buffer_tables(monkeypatch, capsys):
+    tiny_pair(monkeypatch)
+    bench.main(["--pair", "qwen3-0.6b+1.7b", "--n-prompts", "1", "--max-new-tokens", "6", "--prompt-len", "8",
+                "--repeats", "2", "--contexts", "20", "300", "--buffers", "64", "600"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| eager | ", "| fast | "))]
+    steps = [r for r in rows if r[1] in ("20", "300")]
+    assert len(steps) == 4 and all(len(r) == 5 and all("(" in x for x in r[2:]) for r in steps)
+    assert sum(r[1] == "slope, ms per 1K tokens" for r in rows) == 2 and "| floor | KV bytes of 1K tokens" in out
+    assert "| 64 | 256 320 |" not in out and "| 64 | 128 |" in out  # a 64-token buffer: one bucket of 128 slots
+    assert "| 600 | 256 512 664 |" in out and "buffer 600 over 64: " in out
+    assert "fast vs eager, r2r: 100.0% identical, first difference at token none" in out and "nan" not in out
+
+
+def test_bench_fast_only_prints_dashes_not_nan(monkeypatch, capsys):
+    tiny_pair(monkeypatch)
+    bench.main(["--pair", "qwen3-0.6b+1.7b", "--n-prompts", "1", "--max-new-tokens", "4", "--prompt-len", "8",
+                "--repeats", "1", "--engines", "fast"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| fast | r2r |")).split(" | ")
+    assert row[6] == "-" and "nan" not in out
+
+
+def test_buffers_need_contexts_that_fit():
+    with pytest.raises(r2r.R2RError, match="--buffers needs --contexts"):
+        bench.main(["--buffers", "1024"])
+    with pytest.raises(r2r.R2RError, match="--buffers needs --contexts"):
+        bench.main(["--contexts", "300", "--buffers", "256"])
