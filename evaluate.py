@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import re
+import sys
 
 import torch
 from tqdm import tqdm
@@ -161,17 +162,20 @@ def evaluate(args):
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
-    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, max_tokens=max(map(len, prompts)) + args.max_new_tokens,
-                              batch_size=args.batch_size)
-    r2r.fit(engine, prompts, args.max_new_tokens)
+    limits = r2r.EagerEngine(slm, llm, tok)  # reads the models' positions off their configs
+    rooms = [r2r.room(limits, p, args.max_new_tokens) for p in prompts]  # refuses, before decoding, a prompt with none
+    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, batch_size=args.batch_size,
+                              max_tokens=max(len(p) + r for p, r in zip(prompts, rooms)))
     thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
     bar = tqdm(total=len(rows) * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt")
+    decoded = []  # every row's traces, to say once whether any response stopped at the models' positions
 
     def row(name, threshold, traces):
+        decoded.extend(traces)
         result = score_row(name, threshold, traces, llm_traces, rows, tok, p_slm, p_llm)
         bar.write(f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  "
                   f"LLM share {result['share']:6.1%}  accuracy {result['acc']:6.1%}  "
-                  f"identical to LLM {result['identical']:6.1%}")
+                  f"identical to LLM {result['identical']:6.1%}", file=sys.stderr)  # stdout: the table only
         return result
 
     # Single-model rows through the same loop in a forced mode: one decoding rule for every row.
@@ -191,6 +195,7 @@ def evaluate(args):
             bar.set_description(kind)
             results.append(row(f"{kind}", bt, decode_all(engine, base, prompts, args, bar)))
     bar.close()
+    r2r.note_cut(engine, decoded, rooms * (len(decoded) // len(rooms)), args.max_new_tokens)
     return results
 
 
@@ -235,21 +240,29 @@ def plot(results, path):
         err = [[100 * (r["acc"] - r["acc_lo"]) for r in rs], [100 * (r["acc_hi"] - r["acc"]) for r in rs]]
         ax.errorbar([100 * r["share"] for r in rs], [100 * r["acc"] for r in rs], yerr=err, capsize=3, label=label,
                     **style)
-    for r in results:
-        if r["method"].startswith("R2R"):
-            ax.annotate(f"{r['threshold']:.2f}", (100 * r["share"], 100 * r["acc"]), textcoords="offset points",
-                        xytext=(6, -12), fontsize=8)
+    labels = [ax.annotate(f"{r['threshold']:.2f}", (100 * r["share"], 100 * r["acc"]), textcoords="offset points",
+                          xytext=(6, -12), fontsize=8) for r in sorted(results, key=lambda r: (r["share"], -r["acc"]))
+              if r["method"].startswith("R2R")]
     ax.set_xscale("symlog", linthresh=1)  # 0% (SLM only) to 100% (LLM only), R2R's few percent readable
     ax.set_xticks([0, 1, 2, 5, 10, 20, 50, 100], labels=["0", "1", "2", "5", "10", "20", "50", "100"])
     ax.set_xlabel("tokens written by the LLM (%)")
     ax.set_ylabel("accuracy (%), 95% bootstrap interval")
     ax.set_title(f"accuracy against LLM share, {results[0]['n']} problems")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    labels = ax.get_legend_handles_labels()[1]
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes, where it covers no point
+    separate(labels, fig.canvas.get_renderer())
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return labels
+    return ax.get_legend_handles_labels()[1]
+
+
+def separate(labels, renderer):
+    """Moves each threshold label down, a point at a time, until it overlaps none placed before it."""
+    placed = []
+    for label in labels:
+        while any(label.get_window_extent(renderer).overlaps(box) for box in placed):
+            label.xyann = (label.xyann[0], label.xyann[1] - 1)
+        placed.append(label.get_window_extent(renderer))
 
 
 def main(argv=None):
@@ -265,10 +278,10 @@ def main(argv=None):
               f"{r['identical']:.1%} | {r['flipped']:.1%} | {r['params'] / 1e6:.3f}M |")
     if args.out:
         write_rows(results, args.out)
-        print(f"wrote {len(results)} rows to {args.out}")
+        r2r.status(f"wrote {len(results)} rows to {args.out}")
     if args.plot:
         plot(results, args.plot)
-        print(f"drew {args.plot}")
+        r2r.status(f"drew {args.plot}")
     return results
 
 

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
     p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
                    "or a hub dataset")
+    p.add_argument("--prompt-field", default="prompt", help="--prompts-file's field holding the prompt")
+    p.add_argument("--split", default="train", help="split of a hub dataset given as --prompts-file")
     # decoding
     p.add_argument("--mode", choices=["r2r", "slm", "llm"], default="r2r",
                    help="r2r routes with the router; slm / llm force every token to one model")
@@ -74,13 +76,15 @@ def demo_note(args, prompt):
 
 
 def render(tok, trace, colour):
-    """The new text with the LLM's tokens marked. Decodes whole prefixes at each change of
-    writer and slices, so multi-token characters and spaces come out as in one decode."""
+    """The new text with the LLM's tokens marked. Decodes whole prefixes at each change of writer and slices, so
+    spaces come out as in one decode; a character whose bytes two writers share goes whole to the run that
+    completes it, as Stream writes it."""
     marks = COLOUR if colour else ("[[", "]]")
-    text, prev, start = [], "", 0
-    for i in range(1, len(trace.tokens) + 1):
-        if i == len(trace.tokens) or trace.from_llm[i] != trace.from_llm[start]:
+    text, prev, start, n = [], "", 0, len(trace.tokens)
+    for i in range(1, n + 1):
+        if i == n or trace.from_llm[i] != trace.from_llm[start]:
             full = tok.decode(trace.tokens[:i], skip_special_tokens=True)
+            full = full if i == n else full.rstrip("\ufffd")  # a split character's first bytes wait for the rest
             piece = full[len(prev):]
             if trace.from_llm[start] and piece.strip():  # leading space stays outside the marks
                 lead = piece[:len(piece) - len(piece.lstrip())]
@@ -114,8 +118,9 @@ class Stream:
             self.write(text[len(self.printed):], trace.from_llm[self.start])
 
     def flush(self, trace, end):
-        """Write the current run up to token `end` and close it."""
-        text = self.tok.decode(trace.tokens[:end], skip_special_tokens=True).rstrip("\ufffd")  # a split character
+        """Write the current run up to token `end` and close it; a character split there goes to the next run."""
+        text = self.tok.decode(trace.tokens[:end], skip_special_tokens=True)
+        text = text if end == len(trace.tokens) else text.rstrip("\ufffd")
         self.write(text[len(self.printed):], trace.from_llm[self.start])
         self.out.write(COLOUR[1] if self.opened else self.held)
         self.held, self.opened = "", False
@@ -172,17 +177,19 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [row["prompt"] for row in r2r.read_prompts(args.prompts_file)]
+        prompts += [row["prompt"] for row in r2r.read_prompts(args.prompts_file, args.split, args.prompt_field)]
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
+    limits = r2r.EagerEngine(slm, llm, tok)  # reads the models' positions off their configs
+    rooms = [r2r.room(limits, p, args.max_new_tokens) for p in ids]  # refuses, before decoding, a prompt with none
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(ids))]
-    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, max_tokens=max(map(len, ids)) + args.max_new_tokens,
+    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, max_tokens=max(len(p) + r for p, r in zip(ids, rooms)),
                               batch_size=args.batch_size)
-    r2r.fit(engine, ids, args.max_new_tokens)
     live = sys.stdout.isatty() and not args.json and args.batch_size == 1  # stream to a terminal, one prompt at a time
+    done = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = range(first, min(first + args.batch_size, len(prompts)))
         for i in chunk:
@@ -193,6 +200,8 @@ def main(argv=None):
         traces = decode_chunk(engine, router, [ids[i] for i in chunk], [gens[i] for i in chunk], args, stream)
         for i, trace in zip(chunk, traces):
             show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
+        done += traces
+    r2r.note_cut(engine, done, rooms, args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ def decode_batch(engine, router, prompts, *, max_new_tokens, mode="r2r", thresho
 # ============================================================ plumbing: command line, device, loading, prompts
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
-HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "owner/name" or "name" on the HuggingFace Hub
+HUB_NAME = re.compile(r"(?!.*\.(txt|jsonl?)$)\w[\w.-]*(/\w[\w.-]*)?")  # "owner/name" or "name", not "x.jsonl"
 
 
 def run_main(main):
@@ -400,14 +400,14 @@ def check_args(args, **at_least):
         raise R2RError("--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager")
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise R2RError(f"--device {args.device}, but torch sees no CUDA GPU: leave --device out, or use a CUDA torch")
-    for flag, path in ((f, getattr(args, f, None)) for f in ("slm", "llm", "router", "prompts", "prompts_file")):
-        if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or not HUB_NAME.fullmatch(path)):
+    for flag, path in ((f, getattr(args, f, None)) for f in "slm llm router verifier prompts prompts_file".split()):
+        if path and not os.path.exists(os.path.expanduser(path)) and not HUB_NAME.fullmatch(path):
             raise R2RError(f"--{flag.replace('_', '-')} {path} does not exist: give an existing path or a hub name")
 
 
-def fit(engine, prompts, max_new_tokens):
-    """Before any decoding: refuse a prompt past the models' positions; say once if responses stop short."""
-    if min(room(engine, p, max_new_tokens) for p in prompts) < max_new_tokens:
+def note_cut(engine, traces, rooms, max_new_tokens):
+    """After decoding: one note if a response stopped at the models' positions (its room), not at a stop id."""
+    if any(len(t.tokens) == r < max_new_tokens and t.tokens[-1] not in engine.eos for t, r in zip(traces, rooms)):
         status(f"note: responses stop at the models' {engine.max_tokens} positions, before {max_new_tokens} new tokens")
 
 
@@ -468,9 +468,9 @@ def n_params(model):
 
 
 def fingerprint(slm, tok):
-    """What identifies a router's SLM to anyone: its hub or folder name, sizes, and a hash of the
-    signs of its first embedding rows, which no dtype or device changes (never a local path)."""
-    signs = (slm.get_input_embeddings().weight[:8].detach().float().cpu() > 0).numpy().tobytes()
+    """What identifies a router's SLM to anyone (never a local path): its hub or folder name, sizes, and a hash
+    of the sign bits of its first embedding rows, which no dtype cast flips (fp16 rounds -1e-9 to -0.0)."""
+    signs = (~torch.signbit(slm.get_input_embeddings().weight[:8].detach().cpu())).numpy().tobytes()
     name = os.path.basename(os.path.normpath(slm.name_or_path)) if os.path.isdir(slm.name_or_path) else slm.name_or_path
     return dict(name=name, hidden_size=slm.config.get_text_config().hidden_size, vocab=len(tok),
                 embedding_sha=hashlib.sha256(signs).hexdigest()[:16])
@@ -513,7 +513,7 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not isinstance(r.get(prompt_field), str) or not r[prompt_field].strip():
             raise R2RError(f"{source} row {i} has no text in a field '{prompt_field}' (fields: "
-                           f"{', '.join(r) if isinstance(r, dict) else '-'}): fill or delete the row, or name a field")
+                           f"{', '.join(r) if isinstance(r, dict) else '-'}): fill or delete it, or set --prompt-field")
     if not rows:
         raise R2RError(f"{source} holds no prompts")
     return [{"prompt": r[prompt_field], "answer": None if r.get(answer_field) is None else str(r[answer_field])}

@@ -13,6 +13,7 @@ were measured on prompts that chose nothing. It does not label (label.py) or dec
 (generate.py).
 """
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -130,13 +131,13 @@ def fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
         vl = F.binary_cross_entropy(s.clamp(1e-7, 1 - 1e-7), yv, weight=1 + (pos_weight - 1) * yv).item()
         rec, share = recall_share(s, yv, threshold_for_recall(s, yv, args.recall))
         bar.write(f"epoch {epoch + 1:3d} | train loss {sum(losses) / len(losses):.4f} | val loss {vl:.4f} | "
-                  f"val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share {share:.1%}")
+                  f"val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share {share:.1%}", file=sys.stderr)
         if vl < best:
             best, best_state, bad = vl, {k: v.clone() for k, v in router.state_dict().items()}, 0
         else:
             bad += 1
             if bad >= args.patience:
-                bar.write(f"early stop: no better validation loss for {args.patience} epochs")
+                bar.write(f"early stop: no better validation loss for {args.patience} epochs", file=sys.stderr)
                 break
     router.load_state_dict(best_state)
 
@@ -163,7 +164,7 @@ def save_router(router, folder):
     os.rmdir(tmp)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = r2r.parser(__doc__, pair=False)
     # data
     p.add_argument("--labels", default="labels", help="folder written by label.py")
@@ -191,13 +192,20 @@ def main(argv=None):
     p.add_argument("--out", default="router", help="folder for model.safetensors and config.json")
     p.add_argument("--device", default="cpu", help="cpu is plenty for the demo; cuda for large label sets")
     args = p.parse_args(argv)
-    if not 0 < args.recall <= 1 or (args.llm_share is not None and not 0 < args.llm_share <= 1):
-        raise r2r.R2RError("--recall and --llm-share must lie in (0, 1]")
-    if min(args.val_fraction, args.test_fraction) <= 0 or args.val_fraction + args.test_fraction >= 1:
-        raise r2r.R2RError("--val-fraction and --test-fraction must be above 0 and sum to less than 1")
-    if min(args.epochs, args.batch_size, args.width, args.blocks) < 1:
-        raise r2r.R2RError("--epochs, --batch-size, --width and --blocks must be at least 1")
+    r2r.check_args(args, epochs=1, patience=1, batch_size=1, width=1, blocks=1, dropout=0, weight_decay=0)
+    for flag, ok, where in (("lr", args.lr > 0, "above 0"), ("dropout", args.dropout < 1, "below 1"),
+                            ("recall", 0 < args.recall <= 1, "in (0, 1]"),
+                            ("llm_share", args.llm_share is None or 0 < args.llm_share <= 1, "in (0, 1]"),
+                            ("val_fraction", 0 < args.val_fraction < 1, "in (0, 1)"),
+                            ("test_fraction", 0 < args.test_fraction < 1 - args.val_fraction,
+                             f"in (0, {1 - args.val_fraction:g}), beside --val-fraction {args.val_fraction:g}")):
+        if not ok:
+            raise r2r.R2RError(f"--{flag.replace('_', '-')} must be {where}, not {getattr(args, flag)}")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     data, slm, tok, meta = load_features(args.labels, args.device)
     emb_table = slm.get_input_embeddings().float().requires_grad_(False)  # the SLM's own, frozen
