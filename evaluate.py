@@ -11,13 +11,15 @@ that share of the SLM's own steps. Every accuracy carries a 95% bootstrap interv
 problems; every row says how faithful it is to the LLM: the share of responses identical
 to LLM-only decoding, and the share of final answers that differ from LLM-only's.
 Prints a Markdown table; --out writes the rows (JSON or CSV), --plot draws them
-(matplotlib, optional). Greedy decoding throughout.
+(matplotlib, optional). Greedy decoding throughout. It also holds the verifier label.py asks
+whether a mismatch is neutral or divergent: final answers, or a judge model (judge_prompt.txt).
 """
 import csv
 import json
 import os
 import re
 import sys
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -59,6 +61,48 @@ def normalize_answer(s):
     s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)  # a unit after the value
     s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
     return re.sub(r"\s+", "", s).rstrip(".")
+
+# ----------------------------------------------------------------------------- the verifier (label.py, step 4)
+
+def verify_by_answer(tok, response, j, branch):
+    """Same final answer from the LLM's own response and from the branch at position j = neutral (0)."""
+    ref = extract_answer(tok.decode(response, skip_special_tokens=True))
+    alt = extract_answer(tok.decode(response[:j] + branch, skip_special_tokens=True))
+    return None if ref is None else int(alt != ref)
+
+
+class Judge(NamedTuple):
+    """A verifier model and its tokenizer."""
+    model: torch.nn.Module
+    tok: object
+
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt"), encoding="utf-8") as f:
+    JUDGE_PROMPT = f.read().rstrip("\n")  # the authors' question (R2R Stage 1), in our words
+
+
+def judge_prompt(context, a, b):
+    """The judge's question; `a` and `b` carry the << >> marks; the last 1000 characters of context."""
+    return JUDGE_PROMPT.format(context=context[-1000:], a=a, b=b)
+
+
+def sentence_view(tok, response, j, branch, ends):
+    """(context, A, B) for the judge: the text before the sentence that holds position j, then that sentence and
+    the next from the LLM's response (A) and from the branch (B), the divergence point marked << >>."""
+    start = max([i + 1 for i in range(j) if response[i] in ends], default=0)
+
+    def sentences(tail):
+        cut = [i for i, t in enumerate(tail) if t in ends]
+        tail = tail[:cut[1] + 1] if len(cut) > 1 else tail
+        return tok.decode(response[start:j]) + " <<" + tok.decode(tail[:1]) + ">> " + tok.decode(tail[1:])
+
+    return tok.decode(response[:start]), sentences(response[j:]), sentences(branch)
+
+
+def parse_judge(reply):
+    """'Output: 1' -> 1, 'output:0' -> 0; anything else -> None (dropped, never guessed)."""
+    m = re.findall(r"output\s*:\s*\**\s*([01])\b", reply, flags=re.IGNORECASE)
+    return int(m[-1]) if m else None
 
 # ----------------------------------------------------------------------------- the table
 
