@@ -3,6 +3,7 @@ evaluate.py: R2R's trade-off, accuracy against LLM share, on prompts with checka
 
     python evaluate.py                                        # demo pair, demo/router, 500 test problems
     python evaluate.py --plot pareto.png --out results.json   # also the picture and every row as JSON
+    torchrun --nproc-per-node 8 evaluate.py ...               # 8 processes share the prompts; the first reports
 
 Rows: SLM only, LLM only, R2R at the router's saved threshold and at a sweep of thresholds,
 and, at the LLM share each R2R row reached, routing by SLM entropy and at random (the
@@ -22,6 +23,8 @@ import sys
 from typing import NamedTuple
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import fast
@@ -136,9 +139,11 @@ def decode_all(engine, router, prompts, args, bar, **kw):
     batch-1 decode, tests/test_batch.py, except under the random baseline, whose one generator is
     drawn in batch order), or one by one (r2r.decode); `bar` counts the prompts. A batch takes
     prompts of similar length, which on the demo task means responses of similar length, so it
-    ends soon after most of its rows."""
+    ends soon after most of its rows. Under torchrun, process r of n decodes every n-th prompt by
+    length from the r-th, and every process gets every trace."""
     kw.update(max_new_tokens=args.max_new_tokens)
-    order, traces = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), {}
+    ranks, traces = PartialState(), {}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[ranks.process_index::ranks.num_processes]
     for i in range(0, len(order), args.batch_size):
         rows = order[i:i + args.batch_size]
         if len(rows) == 1:
@@ -147,6 +152,7 @@ def decode_all(engine, router, prompts, args, bar, **kw):
             batch = r2r.decode_batch(engine, router, [prompts[b] for b in rows], **kw)
             traces.update(zip(rows, batch.traces))
         bar.update(len(rows))
+    traces = dict(gather_object(list(traces.items())))  # (prompt index, Trace) pairs from every process
     return [traces[i] for i in range(len(prompts))]
 
 
@@ -198,6 +204,7 @@ def parse_args(argv=None):
 
 def evaluate(args):
     """Decode every prompt for every row; returns the rows (dicts with FIELDS)."""
+    ranks = PartialState(cpu=not torch.cuda.is_available())  # torchrun's processes (one without it), a GPU each
     rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, args.answer_field, args.limit)
     if any(r["answer"] is None for r in rows):
         raise r2r.R2RError(f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers")
@@ -211,7 +218,8 @@ def evaluate(args):
     engine = fast.pick_engine(slm, llm, tok, kind=args.engine, batch_size=args.batch_size,
                               max_tokens=max(len(p) + r for p, r in zip(prompts, rooms)))
     thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
-    bar = tqdm(total=len(rows) * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt")
+    mine = len(range(ranks.process_index, len(rows), ranks.num_processes))  # this process's share of the prompts
+    bar = tqdm(total=mine * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt", disable=not ranks.is_main_process)
     decoded = []  # every row's traces, to say once whether any response stopped at the models' positions
 
     def row(name, threshold, traces):
@@ -312,6 +320,8 @@ def separate(labels, renderer):
 def main(argv=None):
     args = parse_args(argv)
     results = evaluate(args)
+    if not PartialState().is_main_process:  # under torchrun, the first process reports
+        return results
     print(f"\n{results[0]['n']} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n")
     print("| method | threshold | LLM share | accuracy | 95% interval | identical to LLM | answer differs "
           "from LLM | avg activated params |")

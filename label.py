@@ -4,16 +4,19 @@ the router's features and whether the SLM's token there is identical, a neutral 
 
     python label.py                                   # demo pair, demo training prompts
     python label.py --slm A --llm B --prompts data.jsonl --verifier Qwen/Qwen2.5-72B-Instruct
+    torchrun --nproc-per-node 8 label.py ...          # 8 processes (GPUs), chunk k to process k % 8
 
 Per chunk of prompts: 1. the LLM writes greedy responses; 2. one SLM pass over them gives features and argmax;
-3. from each mismatch (the argmax differs from the LLM's token) the LLM continues after the SLM's token, on its
-cached prefix; 4. a verifier (in evaluate.py: final answers, or a judge model) calls it neutral or divergent. Each
-chunk is a shard in --out/shards, written atomically, named by its rows' hash: a rerun relabels only edited chunks.
+3. from each mismatch the LLM continues after the SLM's token, on its cached prefix; 4. a verifier (evaluate.py:
+final answers, or a judge model) calls it neutral or divergent. Each chunk is a shard in --out/shards, written
+atomically, named by its rows' hash: a rerun, at any world size, labels only missing or edited chunks.
 """
 import collections
+import datetime
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
 import resource
@@ -23,6 +26,7 @@ from typing import NamedTuple
 
 import datasets
 import torch
+from accelerate import PartialState
 from transformers import DynamicCache
 
 import r2r
@@ -133,8 +137,6 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, budget, *, max_to
     return results
 
 
-# ----------------------------------------------------------------------------- one chunk
-
 def peak_memory_gib(device):
     """Peak memory since torch.cuda.reset_peak_memory_stats(), over the GPUs; else the process's peak RSS so far."""
     if device.type == "cuda":
@@ -215,8 +217,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="shuffle the prompts with this seed before --limit")
     p.add_argument("--out", default="labels", help="output folder; rerun with the same arguments to resume")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest LLM response; longer ones are dropped")
-    p.add_argument("--keep-unfinished", action="store_true", help="label responses cut at --max-new-tokens too "
-                   "(the authors drop them; random models rarely stop)")
+    p.add_argument("--keep-unfinished", action="store_true", help="label cut responses too (the authors drop them)")
     p.add_argument("--judge-span", type=int, default=64, help="most tokens a branch is continued for the judge")
     # Sizes for one 80 GB GPU beside the README recipe's 47 GB of weights: lower them if you run out of memory.
     p.add_argument("--batch-size", type=int, default=64, help="prompts per chunk, each a shard")
@@ -237,6 +238,8 @@ def shard_name(index, rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    ranks = PartialState(  # torchrun's processes (one without it), each on its own GPU, waiting up to a day at the end
+        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=1))
     rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, args.answer_field)
     rows = [dict(r, id=i) for i, r in enumerate(rows)]
     if args.seed is not None:
@@ -256,32 +259,28 @@ def main(argv=None):
     judge = None if args.verifier == "answer" else Judge(
         r2r.load_model(args.verifier, device, dtype, device_map=args.device_map), r2r.load_tokenizer(args.verifier))
     args.top_k = min(args.top_k, len(tok))
-    # A resume is only safe with every argument that changes a row (all but where and how fast it runs), kept in
-    # meta.json with the resolved dtype and the SLM's fingerprint; each shard's name holds a hash of its rows.
+    # Resume only with the arguments that change a row (in meta.json, with the dtype and the SLM's fingerprint).
     meta = {k: v for k, v in vars(args).items() if k not in ("out", "device", "device_map", "branch_tokens",
                                                             "judge_batch_size", "dtype")}
-    meta.update(n=len(rows), dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))
-    meta_path, shards = os.path.join(args.out, "meta.json"), os.path.join(args.out, "shards")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(meta)).items() if old.get(k) != v]
-        if changed:
-            raise r2r.R2RError(f"{args.out} holds labels made with other arguments ({'; '.join(changed)}): rerun "
-                               "with the same ones, use another --out or delete it")
-    else:
-        os.makedirs(shards, exist_ok=True)
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(meta_path + ".tmp", meta_path)
+    meta = json.loads(json.dumps(dict(meta, n=len(rows), dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))))
+    meta_file, shards = pathlib.Path(args.out, "meta.json"), os.path.join(args.out, "shards")
+    os.makedirs(shards, exist_ok=True)
+    old = json.loads(meta_file.read_text()) if meta_file.exists() else meta
+    if old != meta:
+        changed = "; ".join(f"{k} {old.get(k)!r} -> {meta.get(k)!r}" for k in meta | old if old.get(k) != meta.get(k))
+        raise r2r.R2RError(f"{args.out} holds labels made with other arguments ({changed}): rerun with the same ones, "
+                           "use another --out or delete it")
+    if ranks.is_main_process and not meta_file.exists():  # the first run writes it, atomically
+        meta_file.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
+        os.replace(meta_file.with_suffix(".tmp"), meta_file)
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | engine.eos
     steps = Steps(device)
     datasets.disable_progress_bars()  # a log file gets one line per chunk, no bars
     for c in range(0, len(rows), args.batch_size):
         chunk, index = rows[c:c + args.batch_size], c // args.batch_size
         path = os.path.join(shards, shard_name(index, chunk))
-        if os.path.exists(path):
-            continue  # an earlier run labeled exactly these rows
+        if index % ranks.num_processes != ranks.process_index or os.path.exists(path):
+            continue  # another rank's chunk (every world size shares them alike), or labeled already
         for stale in (s for s in os.listdir(shards) if re.fullmatch(rf"{index:05d}(-\w+)?(\.tmp)?", s)):
             if not stale.endswith(".tmp"):  # else a write that was killed
                 r2r.status(f"note: rows of {stale} were edited since it was labeled: labeling them again")
@@ -292,22 +291,22 @@ def main(argv=None):
         with open(os.path.join(path + ".tmp", "stats.json"), "w") as f:
             json.dump(stats, f)
         os.replace(path + ".tmp", path)
-        # A plain line per chunk: a log file gets no progress bar's escape codes.
         r2r.status(f"labeled {c + len(chunk)}/{len(rows)} prompts: {path}, {len(ds)} positions")
-    summarize(args.out, tok, steps)
+    ranks.wait_for_everyone()
+    if ranks.is_main_process:
+        summarize(args.out, tok, steps)
 
 
 def load_labels(folder):
     """A label.py folder: (its meta.json, every finished shard as one dataset)."""
-    path = os.path.join(folder, "meta.json")
-    if not os.path.isfile(path):
+    meta_file = pathlib.Path(folder, "meta.json")
+    if not meta_file.is_file():
         raise r2r.R2RError(f"no labels in {folder} (no meta.json): give a folder that label.py wrote")
-    with open(path) as f:
-        meta = json.load(f)
     paths = sorted(os.path.join(folder, "shards", s) for s in os.listdir(os.path.join(folder, "shards"))
                    if not s.endswith(".tmp"))
     # A chunk that kept no row (every response unfinished) is a shard without data files.
     parts = [datasets.load_from_disk(p) for p in paths if any(f.endswith(".arrow") for f in os.listdir(p))]
+    meta = json.loads(meta_file.read_text())
     return meta, datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({})
 
 
