@@ -237,11 +237,11 @@ def context_table(slm, llm, tok, args, bw):
           "buffer |\n|---|---|---|---|")
     ms = {}
     for buffer in args.buffers:
-        for one in (False, True):  # the ladder, and one bucket (min_context past the buffer)
+        for one in (True, False):  # one bucket (min_context past the buffer), then the ladder
             engine = fast.FastEngine(slm, llm, tok, max_tokens=buffer, min_context=2 * buffer + 128 if one else 256)
             ms[buffer, one] = step_times(engine, c, args.repeats, ["slm"])["slm"]
-            contexts = contexts if one else " ".join(map(str, engine.contexts))
-        print(f"| {buffer} | {contexts} | {spread(ms[buffer, False], 1e3)} | {spread(ms[buffer, True], 1e3)} |")
+        ladder = " ".join(map(str, engine.contexts))  # the last engine's: the ladder
+        print(f"| {buffer} | {ladder} | {spread(ms[buffer, False], 1e3)} | {spread(ms[buffer, True], 1e3)} |")
     lo, hi = min(args.buffers), max(args.buffers)
     print(f"fast SLM step at context {c}, buffer {hi} over {lo}: " + ", ".join(
         f"{statistics.median(ms[hi, one]) / statistics.median(ms[lo, one]):.2f}x {what}"
@@ -299,18 +299,18 @@ def main(argv=None):
                    "this .pickle at the end, or when memory runs out (open it at pytorch.org/memory_viz)")
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
-    if not 0 <= args.share <= 1 or min(args.n_prompts, args.max_new_tokens, args.prompt_len, args.repeats, *sizes,
-                                       *args.contexts) < 1:
-        raise r2r.R2RError("--share must lie in [0, 1]; counts, contexts and batch sizes must be at least 1")
+    r2r.check_args(args, n_prompts=1, max_new_tokens=1, prompt_len=1, repeats=1)  # before any model loads
+    if not 0 <= args.share <= 1 or min(sizes + args.contexts) < 1:
+        raise r2r.R2RError("--share must lie in [0, 1]; contexts and batch sizes must be at least 1")
     if args.buffers and min(args.buffers) < (args.contexts or [1 << 60])[0] + room(args.repeats):
         raise r2r.R2RError(f"--buffers needs --contexts, and buffers that hold the first + {room(args.repeats)} tokens")
     args.n_prompts = -(-args.n_prompts // max(sizes)) * max(sizes)
+    rows = None if args.pair else r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
         slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
         router = r2r.load_router(args.router, slm, tok, device)
-        rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
         prompts, eos = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows], None
     else:
         slm, llm, tok = random_pair(args.pair, device, dtype)
@@ -334,7 +334,7 @@ def main(argv=None):
     finally:  # an out-of-memory error is when the snapshot is most wanted
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(args.memory_snapshot)
-            print(f"memory snapshot written to {args.memory_snapshot}")
+            r2r.status(f"memory snapshot written to {args.memory_snapshot}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Prints a Markdown table; --out writes the rows (JSON or CSV), --plot draws them
 whether a mismatch is neutral or divergent: final answers, or a judge model (judge_prompt.txt).
 """
 import csv
+import datetime
 import json
 import os
 import re
@@ -197,6 +198,11 @@ def parse_args(argv=None):
         raise r2r.R2RError(f"--thresholds {' '.join(map(str, args.thresholds))}: each must lie in [0, 1]")
     if args.out and not args.out.endswith((".json", ".csv")):
         raise r2r.R2RError(f"--out {args.out}: name a .json or a .csv file")
+    for flag, path in (("out", args.out), ("plot", args.plot)):  # fail now, not after the evaluation
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise r2r.R2RError(f"--{flag} {path}: its folder does not exist")
+    if args.plot and not args.plot.endswith((".png", ".pdf", ".svg")):
+        raise r2r.R2RError(f"--plot {args.plot}: name a .png, .pdf or .svg file")
     if args.plot:
         pyplot()  # fail now, not after the evaluation
     return args
@@ -204,7 +210,8 @@ def parse_args(argv=None):
 
 def evaluate(args):
     """Decode every prompt for every row; returns the rows (dicts with FIELDS)."""
-    ranks = PartialState(cpu=not torch.cuda.is_available())  # torchrun's processes (one without it), a GPU each
+    ranks = PartialState(  # torchrun's processes (one without it), a GPU each, gathering up to a day apart
+        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=1))
     rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, args.answer_field, args.limit)
     if any(r["answer"] is None for r in rows):
         raise r2r.R2RError(f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers")
@@ -225,9 +232,10 @@ def evaluate(args):
     def row(name, threshold, traces):
         decoded.extend(traces)
         result = score_row(name, threshold, traces, llm_traces, rows, tok, p_slm, p_llm)
-        bar.write(f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  "
-                  f"LLM share {result['share']:6.1%}  accuracy {result['acc']:6.1%}  "
-                  f"identical to LLM {result['identical']:6.1%}", file=sys.stderr)  # stdout: the table only
+        if ranks.is_main_process:  # stderr: stdout is the table only
+            bar.write(f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  LLM share "
+                      f"{result['share']:6.1%}  accuracy {result['acc']:6.1%}  identical to LLM "
+                      f"{result['identical']:6.1%}", file=sys.stderr)
         return result
 
     # Single-model rows through the same loop in a forced mode: one decoding rule for every row.

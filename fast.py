@@ -91,7 +91,7 @@ def unsuitable(slm, llm, batch_size):
     if refusal(slm, llm) or batch_size > 1:
         return refusal(slm, llm) or "batches decode eager"
     if llm.device.type != "cuda":
-        return "the fast engine pays with CUDA graphs"
+        return "the fast engine pays off only with CUDA graphs"
     weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
     if 2.5 * weights > torch.cuda.get_device_properties(llm.device).total_memory:
         return "the fast engine needs about 2.5x the weights' memory"

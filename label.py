@@ -256,8 +256,6 @@ def main(argv=None):
     if full:
         raise r2r.R2RError(f"{args.prompts} rows {', '.join(map(str, full[:10]))} leave no room in the models' "
                            f"{engine.max_tokens} positions: shorten or drop them")
-    judge = None if args.verifier == "answer" else Judge(
-        r2r.load_model(args.verifier, device, dtype, device_map=args.device_map), r2r.load_tokenizer(args.verifier))
     args.top_k = min(args.top_k, len(tok))
     # Resume only with the arguments that change a row (in meta.json, with the dtype and the SLM's fingerprint).
     meta = {k: v for k, v in vars(args).items() if k not in ("out", "device", "device_map", "branch_tokens",
@@ -270,9 +268,11 @@ def main(argv=None):
         changed = "; ".join(f"{k} {old.get(k)!r} -> {meta.get(k)!r}" for k in meta | old if old.get(k) != meta.get(k))
         raise r2r.R2RError(f"{args.out} holds labels made with other arguments ({changed}): rerun with the same ones, "
                            "use another --out or delete it")
-    if ranks.is_main_process and not meta_file.exists():  # the first run writes it, atomically
-        meta_file.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(meta_file.with_suffix(".tmp"), meta_file)
+    if not meta_file.exists():  # the first run writes it, atomically; every rank the same, before any shard
+        meta_file.with_suffix(f".{ranks.process_index}.tmp").write_text(json.dumps(meta, indent=2))
+        os.replace(meta_file.with_suffix(f".{ranks.process_index}.tmp"), meta_file)
+    judge = None if args.verifier == "answer" else Judge(
+        r2r.load_model(args.verifier, device, dtype, device_map=args.device_map), r2r.load_tokenizer(args.verifier))
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | engine.eos
     steps = Steps(device)
     datasets.disable_progress_bars()  # a log file gets one line per chunk, no bars

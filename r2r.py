@@ -368,8 +368,9 @@ def status(*args):
 
 def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=False):
     """A parser whose --help keeps `doc`'s layout and shows defaults, with the shared flags (pair, router, device)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=type("Help", (
-        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=doc, formatter_class=type("Help", (  # no "(default: None)"
+        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {"_get_help_string": lambda
+        self, a: a.help if a.default is None else argparse.ArgumentDefaultsHelpFormatter._get_help_string(self, a)}))
     if not pair:
         return p
     p.add_argument("--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder")
@@ -401,7 +402,8 @@ def check_args(args, **at_least):
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise R2RError(f"--device {args.device}, but torch sees no CUDA GPU: leave --device out, or use a CUDA torch")
     for flag, path in ((f, getattr(args, f, None)) for f in "slm llm router verifier prompts prompts_file".split()):
-        if path and not os.path.exists(os.path.expanduser(path)) and not HUB_NAME.fullmatch(path):
+        if path and not os.path.exists(os.path.expanduser(path)) and (  # "demo/slmm" is a typo, not a hub name
+                not HUB_NAME.fullmatch(path) or os.path.isdir(path.split("/")[0])):
             raise R2RError(f"--{flag.replace('_', '-')} {path} does not exist: give an existing path or a hub name")
 
 
@@ -447,8 +449,7 @@ def load_model(path, device="cpu", dtype=torch.float32, *, device_map=None):
 
 
 def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_map=None):
-    """SLM, LLM and the tokenizer they share. Only its ids [0, len(tok)) are ever compared: one
-    family may pad its lm_heads differently (Qwen2.5-0.5B 151936 rows, -7B 152064)."""
+    """SLM, LLM, their shared tokenizer; only its ids are compared (Qwen2.5-0.5B: 151936 lm_head rows, -7B: 152064)."""
     tok, llm_tok = load_tokenizer(slm_path), load_tokenizer(llm_path)
     for what in ("vocab", "chat_template", "bos_token", "eos_token"):  # all but the EOS make the prompt's ids
         if getattr(tok, what) != getattr(llm_tok, what):
@@ -495,8 +496,7 @@ def load_router(path, slm, tok, device="cpu"):
 
 
 def read_prompts(source, split="train", prompt_field="prompt", answer_field="answer", limit=None):
-    """Rows {"prompt", "answer"} from a .txt (a prompt a line), .json (a list of objects) or .jsonl
-    file, or a HuggingFace dataset ("answer" None where the data has none). One-line errors."""
+    """Rows {"prompt", "answer" (or None)}: a .txt (a prompt a line), .json (objects), .jsonl file or hub dataset."""
     try:
         if os.path.isfile(source):
             rows = read_file(source, prompt_field)

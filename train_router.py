@@ -155,7 +155,8 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
 
 
 def save_router(router, folder):
-    """router.save_pretrained(folder), atomically: a killed run never leaves half a router."""
+    """router.save_pretrained(folder), each file replaced whole: a killed run leaves no half-written file, and
+    config.json (the threshold), written last, never names weights that are not there yet."""
     tmp = folder.rstrip("/") + ".tmp"
     router.save_pretrained(tmp)
     os.makedirs(folder, exist_ok=True)
