@@ -75,15 +75,35 @@ def demo_note(args, prompt):
             f"nonsense for {prompt!r}; pass --slm/--llm/--router for your own pair")
 
 
+class Prefixes:
+    """The text of a growing response's prefixes, tok.decode(tokens[:end]) without its special tokens, decoded
+    from the last point where it ended on a whole character (a few tokens before it, for their context), not
+    from the start: a response of n tokens costs O(n), not O(n^2) (vLLM's incremental detokenization)."""
+
+    def __init__(self, tok, context=4):
+        self.tok, self.context, self.at, self.text = tok, context, 0, ""
+
+    def __call__(self, tokens, end):
+        a = max(0, self.at - self.context)
+        known = self.tok.decode(tokens[a:self.at], skip_special_tokens=True)
+        full = self.tok.decode(tokens[a:end], skip_special_tokens=True) if end >= self.at else ""
+        if end < self.at or not full.startswith(known):  # not a continuation: decode it all
+            return self.tok.decode(tokens[:end], skip_special_tokens=True)
+        text = self.text + full[len(known):]
+        if not text.endswith("\ufffd"):  # a whole character: the next call starts here
+            self.at, self.text = end, text
+        return text
+
+
 def render(tok, trace, colour):
     """The new text with the LLM's tokens marked. Decodes whole prefixes at each change of writer and slices, so
     spaces come out as in one decode; a character whose bytes two writers share goes whole to the run that
     completes it, as Stream writes it."""
     marks = COLOUR if colour else ("[[", "]]")
-    text, prev, start, n = [], "", 0, len(trace.tokens)
+    text, prev, start, n, prefix = [], "", 0, len(trace.tokens), Prefixes(tok)
     for i in range(1, n + 1):
         if i == n or trace.from_llm[i] != trace.from_llm[start]:
-            full = tok.decode(trace.tokens[:i], skip_special_tokens=True)
+            full = prefix(trace.tokens, i)
             full = full if i == n else full.rstrip("\ufffd")  # a split character's first bytes wait for the rest
             piece = full[len(prev):]
             if trace.from_llm[start] and piece.strip():  # leading space stays outside the marks
@@ -101,7 +121,7 @@ class Stream:
     run's end. Text is written once it decodes to whole characters (no trailing U+FFFD)."""
 
     def __init__(self, tok, out=None):
-        self.tok, self.out = tok, out or sys.stdout
+        self.prefix, self.out = Prefixes(tok), out or sys.stdout
         self.printed = ""  # the plain text written so far
         self.start = 0  # first token of the current run of one writer
         self.held = ""  # leading spaces of an LLM run, written when its first character arrives
@@ -113,13 +133,13 @@ class Stream:
         if trace.from_llm[n - 1] != trace.from_llm[self.start]:  # a new run begins at the newest token
             self.flush(trace, n - 1)
             self.start = n - 1
-        text = self.tok.decode(trace.tokens, skip_special_tokens=True)
+        text = self.prefix(trace.tokens, n)
         if not text.endswith("\ufffd") and text.startswith(self.printed):
             self.write(text[len(self.printed):], trace.from_llm[self.start])
 
     def flush(self, trace, end):
         """Write the current run up to token `end` and close it; a character split there goes to the next run."""
-        text = self.tok.decode(trace.tokens[:end], skip_special_tokens=True)
+        text = self.prefix(trace.tokens, end)
         text = text if end == len(trace.tokens) else text.rstrip("\ufffd")
         self.write(text[len(self.printed):], trace.from_llm[self.start])
         self.out.write(COLOUR[1] if self.opened else self.held)

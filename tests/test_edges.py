@@ -169,6 +169,29 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk)
 
 
+def metaspace_tokenizer():
+    """SentencePiece-style words ("\u2581the"): its decoder drops the leading space of a decode's first word."""
+    words = ["<unk>", "</s>", "\u2581the", "\u2581cat", "s", ".", "\u2581sat", ",", "\u2581"]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("which", ["demo", "bytes", "metaspace"])
+def test_prefixes_equal_a_full_decode(which, tok):
+    """generate.Prefixes decodes a growing response from its last whole character; the oracle is
+    tok.decode of the whole prefix, at every length, going back now and then."""
+    t = {"demo": tok, "bytes": byte_tokenizer(), "metaspace": metaspace_tokenizer()}[which]
+    rng = random.Random(0)
+    for _ in range(20):
+        tokens = ([rng.randrange(len(t)) for _ in range(60)] if which != "bytes" else
+                  list(t.encode("".join(rng.choice("ab \u00e9\u4e2d\U0001f600") for _ in range(30)))))
+        prefix, end = generate.Prefixes(t), 0
+        while end < len(tokens):
+            end = max(0, end - 3) if rng.random() < 0.1 else end + rng.randint(1, 3)
+            assert prefix(tokens, min(end, len(tokens))) == t.decode(tokens[:end], skip_special_tokens=True)
+
+
 class Terminal:
     """A stdout that records what is written to it."""
 
