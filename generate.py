@@ -1,7 +1,7 @@
 """
 generate.py: R2R mixed decoding (R2R Stage 3). The SLM writes every token except
 those the router sends to the LLM, which first catches up on the tokens it has not seen
-in one batched forward pass. Both KV caches only ever hold committed tokens: no rollback.
+in one forward pass over the gap. Both KV caches only ever hold committed tokens: no rollback.
 
     python generate.py --prompt "4837+2956"                   # the demo pair and its router
     python generate.py --prompt "4837+2956" --mode llm        # every token from the LLM
