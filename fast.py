@@ -88,8 +88,8 @@ def unsuitable(slm, llm, batch_size):
     """Why the default engine is eager here, or None where the fast one pays and fits: the LLM on
     one GPU, one prompt at a time, and weights under 1/2.5 of the GPU's memory (the fast engine
     peaked at 2.3x the weights on an H100, docs/gpu.md)."""
-    if refusal(slm, llm) or batch_size > 1:
-        return refusal(slm, llm) or "batches decode eager"
+    if why := refusal(slm, llm) or ("batches decode eager" if batch_size > 1 else None):  # refusal builds caches: once
+        return why
     if llm.device.type != "cuda":
         return "the fast engine pays off only with CUDA graphs"
     weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
