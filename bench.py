@@ -19,6 +19,7 @@ buffers of each size, over context buckets and over one. --pair: random weights 
 random router sending --share of the tokens to the LLM (the paper: about 13%). --batch-sizes: instead, tokens
 per second of each mode by batch size B (r2r.decode_batch), and the steps that called the LLM: 1-(1-s)^B at s.
 """
+
 import gc
 import resource
 import statistics
@@ -32,24 +33,78 @@ import r2r
 
 # Published configs (the fields that set a model's cost): random weights at real size,
 # here and in demo/rehearse.py.
-QWEN2 = dict(model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072)
-QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960)
+QWEN2 = dict(
+    model_type="qwen2", vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072
+)
+QWEN3 = dict(
+    model_type="qwen3",
+    vocab_size=151936,
+    head_dim=128,
+    rope_theta=1000000.0,
+    max_position_embeddings=40960,
+)
 CONFIGS = {
-    "r1-1.5b": dict(QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                    intermediate_size=8960, tie_word_embeddings=False),
-    "r1-32b": dict(QWEN2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                   intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       intermediate_size=3072, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(QWEN3, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       intermediate_size=6144, tie_word_embeddings=True),
-    "qwen3-8b": dict(QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=12288, tie_word_embeddings=False),
-    "qwen3-14b": dict(QWEN3, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
-                      intermediate_size=17408, tie_word_embeddings=False),
+    "r1-1.5b": dict(
+        QWEN2,
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        tie_word_embeddings=False,
+    ),
+    "r1-32b": dict(
+        QWEN2,
+        hidden_size=5120,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=27648,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-0.6b": dict(
+        QWEN3,
+        hidden_size=1024,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=3072,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        QWEN3,
+        hidden_size=2048,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=6144,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        QWEN3,
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=12288,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-14b": dict(
+        QWEN3,
+        hidden_size=5120,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=17408,
+        tie_word_embeddings=False,
+    ),
 }
-PAIRS = {"r1-1.5b+32b": ("r1-1.5b", "r1-32b"), "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b"),
-         "qwen3-0.6b+1.7b": ("qwen3-0.6b", "qwen3-1.7b")}  # fits a 24 GB CPU machine in fp32
+PAIRS = {
+    "r1-1.5b+32b": ("r1-1.5b", "r1-32b"),
+    "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b"),
+    "qwen3-0.6b+1.7b": ("qwen3-0.6b", "qwen3-1.7b"),
+}  # fits a 24 GB CPU machine in fp32
 MODES = ("slm", "llm", "r2r")
 GAP = 8  # tokens of the catch-up timed at each context: about the mean gap at a 13% LLM share
 
@@ -76,6 +131,7 @@ def spread(xs, scale=1.0, digits=2):
 
 class Vocab:
     """A tokenizer's length (151,643 ids in these Qwen families) and no EOS: what random-weight pairs need of one."""
+
     eos_token_id = None
 
     def __len__(self):
@@ -96,9 +152,16 @@ def random_pair(name, device, dtype):
 
 def bandwidth(device):
     """Bytes per second of a device copy, read and written (the median of 10): what the floors divide by."""
-    x = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)  # (n,) fp32: 1 GiB, 128 MiB off CUDA
+    x = torch.empty(
+        2**28 if device.type == "cuda" else 2**25, device=device
+    )  # (n,) fp32: 1 GiB, 128 MiB off CUDA
     y = torch.empty_like(x)
-    return 2 * x.numel() * x.element_size() / statistics.median(measure(lambda: y.copy_(x), device, 10))
+    return (
+        2
+        * x.numel()
+        * x.element_size()
+        / statistics.median(measure(lambda: y.copy_(x), device, 10))
+    )
 
 
 def weight_bytes(model):
@@ -111,25 +174,36 @@ def weight_bytes(model):
 def run_engine(slm, llm, tok, router, prompts, kind, args, **kw):
     """SLM only, LLM only and R2R through one engine, --repeats times: per mode its traces, ms per token of each
     run and seconds of each decode's first step (the prefill); capture seconds; peak bytes."""
-    engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max(map(len, prompts)) + args.max_new_tokens)
+    engine = fast.pick_engine(
+        slm, llm, tok, kind=kind, max_tokens=max(map(len, prompts)) + args.max_new_tokens
+    )
     if getattr(router, "generator", None) is not None:
         router.generator.manual_seed(0)  # both engines route with the same draws
     if slm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slm.device)
     for mode in MODES:
-        r2r.decode(engine, router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw)  # warm-up
+        r2r.decode(
+            engine, router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw
+        )  # warm-up
         if kind == "fast":  # every graph captured before the clock runs
             engine.prepare(router, mode=mode, up_to=max(map(len, prompts)) + args.max_new_tokens)
     traces, ms, prefill = ({m: [] for m in MODES} for _ in range(3))
     for _ in range(args.repeats):  # modes interleaved: a busy spell on the machine hits them alike
         for mode in MODES:
-            runs = [timed_decode(engine, router, p, mode, args, kw) for p in prompts]  # (trace, prefill, steps)
-            ms[mode].append(1000 * sum(sum(s) for *_, s in runs) / max(sum(len(s) for *_, s in runs), 1))
+            runs = [
+                timed_decode(engine, router, p, mode, args, kw) for p in prompts
+            ]  # (trace, prefill, steps)
+            ms[mode].append(
+                1000 * sum(sum(s) for *_, s in runs) / max(sum(len(s) for *_, s in runs), 1)
+            )
             traces[mode] += [t for t, _, _ in runs]
             prefill[mode] += [first for _, first, _ in runs]
         r2r.status(f"  {kind}: " + ", ".join(f"{m} {ms[m][-1]:.2f}" for m in MODES) + " ms/token")
-    peak = torch.cuda.max_memory_allocated(slm.device) if slm.device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak resident set (Linux: KiB)
+    peak = (
+        torch.cuda.max_memory_allocated(slm.device)
+        if slm.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )  # the process's peak resident set (Linux: KiB)
     return traces, ms, prefill, getattr(engine, "setup_seconds", 0.0), peak
 
 
@@ -137,18 +211,31 @@ def timed_decode(engine, router, prompt, mode, args, kw):
     """A decode, the seconds of its first step (the prompt's prefill) and of each later step. In R2R the LLM reads
     the prompt at its first call: that step is priced as its later calls (their median) where it has any."""
     stamps = []
-    trace = r2r.decode(engine, router, prompt, max_new_tokens=args.max_new_tokens, mode=mode,
-                       on_step=lambda *_: stamps.append(time.perf_counter()), **kw)
+    trace = r2r.decode(
+        engine,
+        router,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        mode=mode,
+        on_step=lambda *_: stamps.append(time.perf_counter()),
+        **kw,
+    )
     steps = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 1, 2, ...
     routed = [i for i, f in enumerate(trace.from_llm[1:]) if f]
     if mode == "r2r" and routed and not trace.from_llm[0]:
-        steps[routed[0]] = statistics.median([steps[i] for i in routed[1:]] or [steps[routed[0]]])  # none: whole
+        steps[routed[0]] = statistics.median(
+            [steps[i] for i in routed[1:]] or [steps[routed[0]]]
+        )  # none: whole
     return trace, trace.seconds - (stamps[-1] - stamps[0]), steps
 
 
 def agreement(a, b):
     """Share of positions where two engines agree on token and source, and the first that differs."""
-    pairs = [(x, y) for ta, tb in zip(a, b) for x, y in zip(zip(ta.tokens, ta.from_llm), zip(tb.tokens, tb.from_llm))]
+    pairs = [
+        (x, y)
+        for ta, tb in zip(a, b)
+        for x, y in zip(zip(ta.tokens, ta.from_llm), zip(tb.tokens, tb.from_llm))
+    ]
     first = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
     return sum(x == y for x, y in pairs) / max(len(pairs), 1), "none" if first is None else first
 
@@ -163,37 +250,51 @@ def engine_table(slm, llm, tok, router, prompts, args, bw, **kw):
     calls = [g for t in traces for g in t.catch_up[1:]]  # the first call also reads the prompt
     floor["r2r"] = floor["slm"] + share * floor["llm"]
     weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
-    print(f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
-          f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens; "
-          f"{args.repeats} runs, ms: median (min-max); peak: {'CUDA' if slm.device.type == 'cuda' else 'process RSS'}")
-    print("| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine | over eager LLM only "
-          "| first step (prefill) ms | capture+compile s | peak GiB / weights |\n" + "|---" * 10 + "|")
+    print(
+        f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
+        f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens; "
+        f"{args.repeats} runs, ms: median (min-max); peak: {'CUDA' if slm.device.type == 'cuda' else 'process RSS'}"
+    )
+    print(
+        "| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine | over eager LLM only "
+        "| first step (prefill) ms | capture+compile s | peak GiB / weights |\n" + "|---" * 10 + "|"
+    )
     med = {e: {m: statistics.median(x) for m, x in run[1].items()} for e, run in runs.items()}
     for engine, (_, ms, prefill, setup, peak) in runs.items():
         for mode, m in med[engine].items():
-            eager = f"{med['eager']['llm'] / m:.2f}x" if "eager" in runs else "-"  # no eager run: nothing to divide
+            eager = (
+                f"{med['eager']['llm'] / m:.2f}x" if "eager" in runs else "-"
+            )  # no eager run: nothing to divide
             speedups = f"{med[engine]['llm'] / m:.2f}x | {eager}" if mode == "r2r" else " | "
-            print(f"| {engine} | {mode} | {spread(ms[mode])} | {floor[mode]:.2f} | {m / floor[mode]:.2f} | {speedups} "
-                  f"| {spread(prefill[mode], 1e3)} | {setup:.0f} | {peak / 2**30:.1f} / {weights / 2**30:.1f} |")
+            print(
+                f"| {engine} | {mode} | {spread(ms[mode])} | {floor[mode]:.2f} | {m / floor[mode]:.2f} | {speedups} "
+                f"| {spread(prefill[mode], 1e3)} | {setup:.0f} | {peak / 2**30:.1f} / {weights / 2**30:.1f} |"
+            )
     # What the parts predict: an SLM step per token, plus an LLM call for a share s of them (a
     # catch-up of a few tokens costs about one LLM step: both read every weight once).
     for engine, ms in med.items():
         for s in sorted({round(share, 3), 0.13}):
             pred = ms["slm"] + s * ms["llm"]
-            print(f"{engine}: predicted R2R at LLM share {s:.1%}: {pred:.2f} ms/token, {ms['llm'] / pred:.2f}x over "
-                  f"LLM only" + (f" (measured {ms['r2r']:.2f})" if s == round(share, 3) else ""))
+            print(
+                f"{engine}: predicted R2R at LLM share {s:.1%}: {pred:.2f} ms/token, {ms['llm'] / pred:.2f}x over "
+                f"LLM only" + (f" (measured {ms['r2r']:.2f})" if s == round(share, 3) else "")
+            )
     if len(runs) == 2:
         for mode in MODES:
             same, first = agreement(*(runs[e][0][mode] for e in args.engines))
-            print(f"greedy tokens and routing, fast vs eager, {mode}: {same:.1%} identical, first difference at "
-                  f"token {first}")
+            print(
+                f"greedy tokens and routing, fast vs eager, {mode}: {same:.1%} identical, first difference at "
+                f"token {first}"
+            )
 
 
 def fill(engine, context, llm=True):
     """A started engine's caches (the SLM's; the LLM's too if `llm`) holding `context` zeros, as after a prompt."""
-    for model, cache in ((engine.slm, engine.slm_cache), (engine.llm, engine.llm_cache))[:1 + llm]:
+    for model, cache in ((engine.slm, engine.slm_cache), (engine.llm, engine.llm_cache))[: 1 + llm]:
         layers, heads, D = fast.kv_shape(model)
-        kv = torch.zeros(1, heads, context, D, dtype=model.dtype, device=model.device)  # (1, KVH, context, D)
+        kv = torch.zeros(
+            1, heads, context, D, dtype=model.dtype, device=model.device
+        )  # (1, KVH, context, D)
         for i in range(layers):
             cache.update(kv, kv, i)
 
@@ -203,11 +304,22 @@ def step_times(engine, context, reps, parts):
     """Seconds per call of each of `parts` (SLM step, LLM step, catch-up of GAP tokens) at `context` tokens, `reps`
     calls each after two untimed ones (the first reads the filled cache uncaptured, the second captures on CUDA)."""
     gc.collect()  # engines built before hold their caches in reference cycles: free them before filling these
-    engine.start(None, [0] * context, route=False, threshold=0.0, temperature=0.0, top_p=1.0, generator=None,
-                 max_new_tokens=room(reps))
+    engine.start(
+        None,
+        [0] * context,
+        route=False,
+        threshold=0.0,
+        temperature=0.0,
+        top_p=1.0,
+        generator=None,
+        max_new_tokens=room(reps),
+    )
     fill(engine, context, llm=parts != ["slm"])
-    calls = {"slm": lambda: engine.propose([0]), "llm": lambda: engine.catch_up([0]),
-             "gap": lambda: engine.catch_up([0] * GAP)}
+    calls = {
+        "slm": lambda: engine.propose([0]),
+        "llm": lambda: engine.catch_up([0]),
+        "gap": lambda: engine.catch_up([0] * GAP),
+    }
     return {part: measure(calls[part], engine.llm.device, reps, warm=2) for part in parts}
 
 
@@ -218,60 +330,107 @@ def room(reps):  # tokens that step_times adds to a context
 def context_table(slm, llm, tok, args, bw):
     """Per engine, the SLM step, LLM step and a catch-up at each context, and their slopes against the floor
     of reading the KV cache (its bytes over the bandwidth); then the fast engine's SLM step by buffer size."""
-    print(f"| engine | context | SLM step ms | LLM step ms | catch-up of {GAP} ms |\n|---|---|---|---|---|")
+    print(
+        f"| engine | context | SLM step ms | LLM step ms | catch-up of {GAP} ms |\n|---|---|---|---|---|"
+    )
     for kind in args.engines:
-        engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max(args.contexts) + room(args.repeats))
-        times = {c: step_times(engine, c, args.repeats, ["slm", "llm", "gap"]) for c in args.contexts}
+        engine = fast.pick_engine(
+            slm, llm, tok, kind=kind, max_tokens=max(args.contexts) + room(args.repeats)
+        )
+        times = {
+            c: step_times(engine, c, args.repeats, ["slm", "llm", "gap"]) for c in args.contexts
+        }
         for c, t in times.items():
-            print(f"| {kind} | {c} | {spread(t['slm'], 1e3)} | {spread(t['llm'], 1e3)} | {spread(t['gap'], 1e3)} |")
+            print(
+                f"| {kind} | {c} | {spread(t['slm'], 1e3)} | {spread(t['llm'], 1e3)} | {spread(t['gap'], 1e3)} |"
+            )
         if len(times) > 1:
-            ks = [statistics.linear_regression(args.contexts, [1e6 * statistics.median(t[p]) for t in times.values()])
-                  for p in ("slm", "llm", "gap")]
-            print(f"| {kind} | slope, ms per 1K tokens | " + " | ".join(f"{k.slope:+.2f}" for k in ks) + " |")
+            ks = [
+                statistics.linear_regression(
+                    args.contexts, [1e6 * statistics.median(t[p]) for t in times.values()]
+                )
+                for p in ("slm", "llm", "gap")
+            ]
+            print(
+                f"| {kind} | slope, ms per 1K tokens | "
+                + " | ".join(f"{k.slope:+.2f}" for k in ks)
+                + " |"
+            )
     kv = {m: fast.cache_bytes(m, 1000) / bw * 1e3 for m in (slm, llm)}
-    print(f"| floor | KV bytes of 1K tokens / bandwidth | +{kv[slm]:.2f} | +{kv[llm]:.2f} | +{kv[llm]:.2f} |")
+    print(
+        f"| floor | KV bytes of 1K tokens / bandwidth | +{kv[slm]:.2f} | +{kv[llm]:.2f} | +{kv[llm]:.2f} |"
+    )
     if not args.buffers:
         return
     c = args.contexts[0]
-    print(f"| fast engine, buffer | context buckets | SLM step at context {c}, ms | same, one bucket: the whole "
-          "buffer |\n|---|---|---|---|")
+    print(
+        f"| fast engine, buffer | context buckets | SLM step at context {c}, ms | same, one bucket: the whole "
+        "buffer |\n|---|---|---|---|"
+    )
     ms = {}
     for buffer in args.buffers:
         for one in (True, False):  # one bucket (min_context past the buffer), then the ladder
-            engine = fast.FastEngine(slm, llm, tok, max_tokens=buffer, min_context=2 * buffer + 128 if one else 256)
+            engine = fast.FastEngine(
+                slm, llm, tok, max_tokens=buffer, min_context=2 * buffer + 128 if one else 256
+            )
             ms[buffer, one] = step_times(engine, c, args.repeats, ["slm"])["slm"]
         ladder = " ".join(map(str, engine.contexts))  # the last engine's: the ladder
-        print(f"| {buffer} | {ladder} | {spread(ms[buffer, False], 1e3)} | {spread(ms[buffer, True], 1e3)} |")
+        print(
+            f"| {buffer} | {ladder} | {spread(ms[buffer, False], 1e3)} | {spread(ms[buffer, True], 1e3)} |"
+        )
     lo, hi = min(args.buffers), max(args.buffers)
-    print(f"fast SLM step at context {c}, buffer {hi} over {lo}: " + ", ".join(
-        f"{statistics.median(ms[hi, one]) / statistics.median(ms[lo, one]):.2f}x {what}"
-        for one, what in ((False, "over context buckets"), (True, "over one bucket"))))
+    print(
+        f"fast SLM step at context {c}, buffer {hi} over {lo}: "
+        + ", ".join(
+            f"{statistics.median(ms[hi, one]) / statistics.median(ms[lo, one]):.2f}x {what}"
+            for one, what in ((False, "over context buckets"), (True, "over one bucket"))
+        )
+    )
 
 
 def batch_table(slm, llm, tok, router, prompts, args, **kw):
     """The batch-size curve: tokens per second of every mode over the same prompts, B at a time; R2R's LLM calls."""
-    print("| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
-          "| 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
+        "| 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n|---|---|---|---|---|---|---|---|---|"
+    )
     engine = r2r.EagerEngine(slm, llm, tok)
     for B in args.batch_sizes:
         speed = {m: [] for m in MODES}
-        for mode in MODES * args.repeats:  # each figure the median of --repeats runs, the modes interleaved
+        for mode in (
+            MODES * args.repeats
+        ):  # each figure the median of --repeats runs, the modes interleaved
             if not speed[mode]:
-                r2r.decode_batch(engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)  # warm-up
-            runs = [r2r.decode_batch(engine, router, prompts[i:i + B], max_new_tokens=args.max_new_tokens,
-                                     mode=mode, **kw) for i in range(0, len(prompts), B)]
+                r2r.decode_batch(
+                    engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw
+                )  # warm-up
+            runs = [
+                r2r.decode_batch(
+                    engine,
+                    router,
+                    prompts[i : i + B],
+                    max_new_tokens=args.max_new_tokens,
+                    mode=mode,
+                    **kw,
+                )
+                for i in range(0, len(prompts), B)
+            ]
             traces = [t for run in runs for t in run.traces]
             n = sum(len(t.tokens) for t in traces)
             speed[mode].append(n / sum(run.seconds for run in runs))
         s = sum(sum(t.from_llm) for t in traces) / n  # R2R's, the last mode run
         steps = sum(run.steps for run in runs)
         # The formula at each step's own batch: rows that reached EOS have left it.
-        live = [sum(len(t.tokens) > i for t in run.traces) for run in runs for i in range(run.steps)]
+        live = [
+            sum(len(t.tokens) > i for t in run.traces) for run in runs for i in range(run.steps)
+        ]
         tps = {m: spread(x, digits=0) for m, x in speed.items()}
-        print(f"| {B} | {tps['slm']} | {tps['llm']} | {tps['r2r']} | {s:.1%} "
-              f"| {sum(len(run.calls) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
-              f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | "
-              f"{statistics.median(speed['r2r']) / statistics.median(speed['llm']):.2f}x |")
+        print(
+            f"| {B} | {tps['slm']} | {tps['llm']} | {tps['r2r']} | {s:.1%} "
+            f"| {sum(len(run.calls) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
+            f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | "
+            f"{statistics.median(speed['r2r']) / statistics.median(speed['llm']):.2f}x |"
+        )
     if slm.device.type == "cuda":
         gib = torch.cuda.max_memory_allocated(slm.device) / 2**30
         print(f"{torch.cuda.get_device_name(slm.device)}: peak memory {gib:.1f} GiB")
@@ -279,48 +438,110 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
 
 def main(argv=None):
     p = r2r.parser(__doc__, prompts="test.jsonl", split="test")
-    p.add_argument("--engines", nargs="+", choices=["eager", "fast"], default=["eager", "fast"],
-                   help="engines to run side by side (r2r.EagerEngine and fast.FastEngine)")
-    p.add_argument("--pair", default=None, choices=list(PAIRS),
-                   help="instead of --slm/--llm/--router: random weights of a published pair")
-    p.add_argument("--share", type=float, default=0.13, help="LLM share of the random router (published pairs)")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        choices=["eager", "fast"],
+        default=["eager", "fast"],
+        help="engines to run side by side (r2r.EagerEngine and fast.FastEngine)",
+    )
+    p.add_argument(
+        "--pair",
+        default=None,
+        choices=list(PAIRS),
+        help="instead of --slm/--llm/--router: random weights of a published pair",
+    )
+    p.add_argument(
+        "--share", type=float, default=0.13, help="LLM share of the random router (published pairs)"
+    )
     p.add_argument("--n-prompts", type=int, default=20, help="prompts decoded per mode")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (published pairs: "
-                   "exactly this many, no EOS)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the published pairs")
-    p.add_argument("--repeats", type=int, default=3, help="runs of every measurement: each figure is their median")
-    p.add_argument("--contexts", type=int, nargs="*", default=[], help="also time each step at these context "
-                   "lengths, e.g. 256 1024 4096 (the caches filled with zeros: no prefill)")
-    p.add_argument("--buffers", type=int, nargs="*", default=[], help="with --contexts: the fast engine's SLM step "
-                   "at the first context with buffers of these sizes, e.g. 1024 16384")
-    p.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="print the batch-size table instead "
-                   "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)")
-    p.add_argument("--memory-snapshot", default=None, help="CUDA: record every allocation and write a snapshot to "
-                   "this .pickle at the end, or when memory runs out (open it at pytorch.org/memory_viz)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="new tokens per prompt (published pairs: exactly this many, no EOS)",
+    )
+    p.add_argument(
+        "--prompt-len", type=int, default=128, help="prompt tokens for the published pairs"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of every measurement: each figure is their median",
+    )
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time each step at these context "
+        "lengths, e.g. 256 1024 4096 (the caches filled with zeros: no prefill)",
+    )
+    p.add_argument(
+        "--buffers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="with --contexts: the fast engine's SLM step "
+        "at the first context with buffers of these sizes, e.g. 1024 16384",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="print the batch-size table instead "
+        "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)",
+    )
+    p.add_argument(
+        "--memory-snapshot",
+        default=None,
+        help="CUDA: record every allocation and write a snapshot to "
+        "this .pickle at the end, or when memory runs out (open it at pytorch.org/memory_viz)",
+    )
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
-    r2r.check_args(args, n_prompts=1, max_new_tokens=1, prompt_len=1, repeats=1)  # before any model loads
+    r2r.check_args(
+        args, n_prompts=1, max_new_tokens=1, prompt_len=1, repeats=1
+    )  # before any model loads
     if not 0 <= args.share <= 1 or min(sizes + args.contexts) < 1:
-        raise r2r.R2RError("--share must lie in [0, 1]; contexts and batch sizes must be at least 1")
+        raise r2r.R2RError(
+            "--share must lie in [0, 1]; contexts and batch sizes must be at least 1"
+        )
     if args.buffers and min(args.buffers) < (args.contexts or [1 << 60])[0] + room(args.repeats):
-        raise r2r.R2RError(f"--buffers needs --contexts, and buffers that hold the first + {room(args.repeats)} tokens")
+        raise r2r.R2RError(
+            f"--buffers needs --contexts, and buffers that hold the first + {room(args.repeats)} tokens"
+        )
     args.n_prompts = -(-args.n_prompts // max(sizes)) * max(sizes)
-    rows = None if args.pair else r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
+    rows = (
+        None
+        if args.pair
+        else r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
+    )
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
         slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
         router = r2r.load_router(args.router, slm, tok, device)
-        prompts, eos = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows], None
+        prompts, eos = (
+            [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows],
+            None,
+        )
     else:
         slm, llm, tok = random_pair(args.pair, device, dtype)
         router = r2r.ConfidenceRouter("random", 100, 1 - args.share, gen)
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, len(tok), (args.prompt_len,), generator=g).tolist() for _ in range(args.n_prompts)]
+        prompts = [
+            torch.randint(0, len(tok), (args.prompt_len,), generator=g).tolist()
+            for _ in range(args.n_prompts)
+        ]
         eos = set()  # random weights: decode exactly --max-new-tokens
     batch = "batch sizes " + " ".join(map(str, sizes)) if args.batch_sizes else "batch size 1"
-    print(f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
-          f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, {batch}")
+    print(
+        f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
+        f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, {batch}"
+    )
     if args.batch_sizes:
         return batch_table(slm, llm, tok, router, prompts, args, eos=eos)
 

@@ -15,6 +15,7 @@ Prints a Markdown table; --out writes the rows (JSON or CSV), --plot draws them
 (matplotlib, optional). Greedy decoding throughout. It also holds the verifier label.py asks
 whether a mismatch is neutral or divergent: final answers, or a judge model (judge_prompt.txt).
 """
+
 import csv
 import datetime
 import json
@@ -31,14 +32,32 @@ from tqdm import tqdm
 import fast
 import r2r
 
-FIELDS = ["method", "threshold", "share", "acc", "acc_lo", "acc_hi", "identical", "flipped", "params", "n"]
+FIELDS = [
+    "method",
+    "threshold",
+    "share",
+    "acc",
+    "acc_lo",
+    "acc_hi",
+    "identical",
+    "flipped",
+    "params",
+    "n",
+]
 
 
 # ----------------------------------------------------------------------------- answers
 
+
 def reference_answer(a):
     """A dataset's answer read as a response's: "\\boxed{\\dfrac{1}{2}}" -> "\\frac{1}{2}", 7793 -> "7793"."""
-    return None if a is None else extract_answer(str(a)) if "\\boxed{" in str(a) else normalize_answer(str(a))
+    return (
+        None
+        if a is None
+        else extract_answer(str(a))
+        if "\\boxed{" in str(a)
+        else normalize_answer(str(a))
+    )
 
 
 def extract_answer(text):
@@ -51,7 +70,7 @@ def extract_answer(text):
         for i in range(open_at, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return normalize_answer(text[open_at + 1:i])
+                return normalize_answer(text[open_at + 1 : i])
         return None  # the box never closes: a response cut short
     m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
     return None if m is None else re.sub(r"[ ,]", "", m.group(1))
@@ -66,7 +85,9 @@ def normalize_answer(s):
     s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
     return re.sub(r"\s+", "", s).rstrip(".")
 
+
 # ----------------------------------------------------------------------------- the verifier (label.py, step 4)
+
 
 def verify_by_answer(tok, response, j, branch):
     """Same final answer from the LLM's own response and from the branch at position j = neutral (0)."""
@@ -77,11 +98,14 @@ def verify_by_answer(tok, response, j, branch):
 
 class Judge(NamedTuple):
     """A verifier model and its tokenizer."""
+
     model: torch.nn.Module
     tok: object
 
 
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt"), encoding="utf-8") as f:
+with open(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt"), encoding="utf-8"
+) as f:
     JUDGE_PROMPT = f.read().rstrip("\n")  # the authors' question (R2R Stage 1), in our words
 
 
@@ -97,8 +121,14 @@ def sentence_view(tok, response, j, branch, ends):
 
     def sentences(tail):
         cut = [i for i, t in enumerate(tail) if t in ends]
-        tail = tail[:cut[1] + 1] if len(cut) > 1 else tail
-        return tok.decode(response[start:j]) + " <<" + tok.decode(tail[:1]) + ">> " + tok.decode(tail[1:])
+        tail = tail[: cut[1] + 1] if len(cut) > 1 else tail
+        return (
+            tok.decode(response[start:j])
+            + " <<"
+            + tok.decode(tail[:1])
+            + ">> "
+            + tok.decode(tail[1:])
+        )
 
     return tok.decode(response[:start]), sentences(response[j:]), sentences(branch)
 
@@ -108,13 +138,17 @@ def parse_judge(reply):
     m = re.findall(r"output\s*:\s*\**\s*([01])\b", reply, flags=re.IGNORECASE)
     return int(m[-1]) if m else None
 
+
 # ----------------------------------------------------------------------------- the table
+
 
 def bootstrap_ci(correct, n_boot=1000, seed=0):
     """95% percentile bootstrap interval of the accuracy: resample the problems with
     replacement n_boot times (seeded, so a rerun gives the same interval)."""
     c = torch.tensor(correct, dtype=torch.float64)
-    draws = torch.randint(len(c), (n_boot, len(c)), generator=torch.Generator().manual_seed(seed))  # (n_boot, n)
+    draws = torch.randint(
+        len(c), (n_boot, len(c)), generator=torch.Generator().manual_seed(seed)
+    )  # (n_boot, n)
     lo, hi = c[draws].mean(1).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return lo, hi
 
@@ -123,16 +157,27 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
     """One row of the table, as a dict with FIELDS. `reference` holds the LLM-only traces:
     `identical` is the share of responses equal to them token for token, `flipped` the share
     of problems whose final answer differs from theirs."""
+
     def answers(ts):
         return [extract_answer(tok.decode(t.tokens, skip_special_tokens=True)) for t in ts]
+
     mine, llm = answers(traces), answers(reference)
     correct = [a == reference_answer(r["answer"]) for a, r in zip(mine, rows)]
     lo, hi = bootstrap_ci(correct)
     identical = sum(t.tokens == r.tokens for t, r in zip(traces, reference))
     run = r2r.Trace.join(traces)
-    return dict(method=name, threshold=threshold, share=run.llm_share, acc=sum(correct) / len(rows),
-                acc_lo=lo, acc_hi=hi, identical=identical / len(rows), flipped=sum(a != b for a, b in zip(mine, llm))
-                / len(rows), params=run.activated_params(p_slm, p_llm), n=len(rows))
+    return dict(
+        method=name,
+        threshold=threshold,
+        share=run.llm_share,
+        acc=sum(correct) / len(rows),
+        acc_lo=lo,
+        acc_hi=hi,
+        identical=identical / len(rows),
+        flipped=sum(a != b for a, b in zip(mine, llm)) / len(rows),
+        params=run.activated_params(p_slm, p_llm),
+        n=len(rows),
+    )
 
 
 def decode_all(engine, router, prompts, args, bar, **kw):
@@ -144,16 +189,20 @@ def decode_all(engine, router, prompts, args, bar, **kw):
     length from the r-th, and every process gets every trace."""
     kw.update(max_new_tokens=args.max_new_tokens)
     ranks, traces = PartialState(), {}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[ranks.process_index::ranks.num_processes]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[
+        ranks.process_index :: ranks.num_processes
+    ]
     for i in range(0, len(order), args.batch_size):
-        rows = order[i:i + args.batch_size]
+        rows = order[i : i + args.batch_size]
         if len(rows) == 1:
             traces[rows[0]] = r2r.decode(engine, router, prompts[rows[0]], **kw)
         else:
             batch = r2r.decode_batch(engine, router, [prompts[b] for b in rows], **kw)
             traces.update(zip(rows, batch.traces))
         bar.update(len(rows))
-    traces = dict(gather_object(list(traces.items())))  # (prompt index, Trace) pairs from every process
+    traces = dict(
+        gather_object(list(traces.items()))
+    )  # (prompt index, Trace) pairs from every process
     return [traces[i] for i in range(len(prompts))]
 
 
@@ -162,10 +211,14 @@ def slm_step_scores(slm, tok, prompts, traces, k):
     """Confidence scores (r2r.confidence_scores) at every step of the SLM's own greedy
     decodes, from one teacher-forced pass each: what the baselines' thresholds are set on."""
     scores = {"entropy": [], "random": []}
-    gen = torch.Generator(device=slm.device).manual_seed(0)  # the random baseline's threshold, the same every run
+    gen = torch.Generator(device=slm.device).manual_seed(
+        0
+    )  # the random baseline's threshold, the same every run
     for p, t in zip(prompts, traces):
         hidden = r2r.forward(slm, torch.tensor([p + t.tokens[:-1]]), last=True)[0]  # (1, T, H)
-        logits = slm.get_output_embeddings()(hidden[0, len(p) - 1:])[:, :len(tok)]  # (n, V): response steps only
+        logits = slm.get_output_embeddings()(hidden[0, len(p) - 1 :])[
+            :, : len(tok)
+        ]  # (n, V): response steps only
         topk = logits.float().topk(k, dim=-1).values  # (n, k)
         for name, s in r2r.confidence_scores(topk, gen).items():
             if name in scores:
@@ -183,22 +236,37 @@ def quantile(x, q):
 def parse_args(argv=None):
     p = r2r.parser(__doc__, prompts="test.jsonl", split="test", engine=True)
     p.add_argument("--limit", type=int, default=None, help="evaluate only this many prompts")
-    p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep")
+    p.add_argument(
+        "--thresholds", type=float, nargs="*", default=[0.3, 0.8], help="router thresholds to sweep"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together in every row (1: one by "
-                   "one with r2r.decode; the same table but for random routing, whose draws depend on the batch); "
-                   "16 fits Qwen3-0.6B + 8B at 4K tokens on one 80 GB GPU: lower it for larger pairs or if you run "
-                   "out of memory")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="prompts decoded together in every row (1: one by "
+        "one with r2r.decode; the same table but for random routing, whose draws depend on the batch); "
+        "16 fits Qwen3-0.6B + 8B at 4K tokens on one 80 GB GPU: lower it for larger pairs or if you run "
+        "out of memory",
+    )
     p.add_argument("--out", default=None, help="write every row to this .json or .csv file")
-    p.add_argument("--plot", default=None, help="draw accuracy against LLM share into this image (.png, .pdf, "
-                   ".svg); needs matplotlib")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="draw accuracy against LLM share into this image (.png, .pdf, .svg); needs matplotlib",
+    )
     args = p.parse_args(argv)
     r2r.check_args(args, limit=1, max_new_tokens=1, batch_size=1)
     if any(not 0 <= t <= 1 for t in args.thresholds):
-        raise r2r.R2RError(f"--thresholds {' '.join(map(str, args.thresholds))}: each must lie in [0, 1]")
+        raise r2r.R2RError(
+            f"--thresholds {' '.join(map(str, args.thresholds))}: each must lie in [0, 1]"
+        )
     if args.out and not args.out.endswith((".json", ".csv")):
         raise r2r.R2RError(f"--out {args.out}: name a .json or a .csv file")
-    for flag, path in (("out", args.out), ("plot", args.plot)):  # fail now, not after the evaluation
+    for flag, path in (
+        ("out", args.out),
+        ("plot", args.plot),
+    ):  # fail now, not after the evaluation
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise r2r.R2RError(f"--{flag} {path}: its folder does not exist")
     if args.plot and not args.plot.endswith((".png", ".pdf", ".svg")):
@@ -211,31 +279,56 @@ def parse_args(argv=None):
 def evaluate(args):
     """Decode every prompt for every row; returns the rows (dicts with FIELDS)."""
     ranks = PartialState(  # torchrun's processes (one without it), a GPU each, gathering up to a day apart
-        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=1))
-    rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, args.answer_field, args.limit)
+        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=1)
+    )
+    rows = r2r.read_prompts(
+        args.prompts, args.split, args.prompt_field, args.answer_field, args.limit
+    )
     if any(r["answer"] is None for r in rows):
-        raise r2r.R2RError(f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers")
+        raise r2r.R2RError(
+            f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers"
+        )
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     limits = r2r.EagerEngine(slm, llm, tok)  # reads the models' positions off their configs
-    rooms = [r2r.room(limits, p, args.max_new_tokens) for p in prompts]  # refuses, before decoding, a prompt with none
-    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, batch_size=args.batch_size,
-                              max_tokens=max(len(p) + r for p, r in zip(prompts, rooms)))
-    thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))  # saved one first, no repeats
-    mine = len(range(ranks.process_index, len(rows), ranks.num_processes))  # this process's share of the prompts
-    bar = tqdm(total=mine * (2 + 3 * len(thresholds)), desc="greedy", unit="prompt", disable=not ranks.is_main_process)
+    rooms = [
+        r2r.room(limits, p, args.max_new_tokens) for p in prompts
+    ]  # refuses, before decoding, a prompt with none
+    engine = fast.pick_engine(
+        slm,
+        llm,
+        tok,
+        kind=args.engine,
+        batch_size=args.batch_size,
+        max_tokens=max(len(p) + r for p, r in zip(prompts, rooms)),
+    )
+    thresholds = list(
+        dict.fromkeys([router.threshold] + sorted(args.thresholds))
+    )  # saved one first, no repeats
+    mine = len(
+        range(ranks.process_index, len(rows), ranks.num_processes)
+    )  # this process's share of the prompts
+    bar = tqdm(
+        total=mine * (2 + 3 * len(thresholds)),
+        desc="greedy",
+        unit="prompt",
+        disable=not ranks.is_main_process,
+    )
     decoded = []  # every row's traces, to say once whether any response stopped at the models' positions
 
     def row(name, threshold, traces):
         decoded.extend(traces)
         result = score_row(name, threshold, traces, llm_traces, rows, tok, p_slm, p_llm)
         if ranks.is_main_process:  # stderr: stdout is the table only
-            bar.write(f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  LLM share "
-                      f"{result['share']:6.1%}  accuracy {result['acc']:6.1%}  identical to LLM "
-                      f"{result['identical']:6.1%}", file=sys.stderr)
+            bar.write(
+                f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  LLM share "
+                f"{result['share']:6.1%}  accuracy {result['acc']:6.1%}  identical to LLM "
+                f"{result['identical']:6.1%}",
+                file=sys.stderr,
+            )
         return result
 
     # Single-model rows through the same loop in a forced mode: one decoding rule for every row.
@@ -251,7 +344,9 @@ def evaluate(args):
         # Baselines at the share R2R reached: route the same share of the SLM's own steps.
         for kind, s in scores.items():
             bt = quantile(s, 1 - r["share"]) if r["share"] > 0 else 1.0
-            base = r2r.ConfidenceRouter(kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0))
+            base = r2r.ConfidenceRouter(
+                kind, router.config["top_k"], bt, torch.Generator(device=device).manual_seed(0)
+            )
             bar.set_description(kind)
             results.append(row(f"{kind}", bt, decode_all(engine, base, prompts, args, bar)))
     bar.close()
@@ -279,6 +374,7 @@ def pyplot():
         raise r2r.R2RError("--plot needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -289,27 +385,64 @@ def plot(results, path):
     Returns the legend's labels."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("R2R (router threshold sweep)", lambda m: m.startswith("R2R"), dict(marker="o", color="C3")),
-              ("SLM entropy, same LLM shares", lambda m: m == "entropy", dict(marker="s", ls="--", color="C0")),
-              ("random, same LLM shares", lambda m: m == "random", dict(marker="x", ls=":", color="C7")),
-              ("SLM only", lambda m: m == "SLM only", dict(marker="v", ls="none", color="C2", ms=9)),
-              ("LLM only", lambda m: m == "LLM only", dict(marker="^", ls="none", color="C1", ms=9)),
-              ("R2R, saved threshold", lambda m: m == "R2R (saved)", dict(marker="*", ls="none", color="k", ms=15))]
+    series = [
+        (
+            "R2R (router threshold sweep)",
+            lambda m: m.startswith("R2R"),
+            dict(marker="o", color="C3"),
+        ),
+        (
+            "SLM entropy, same LLM shares",
+            lambda m: m == "entropy",
+            dict(marker="s", ls="--", color="C0"),
+        ),
+        ("random, same LLM shares", lambda m: m == "random", dict(marker="x", ls=":", color="C7")),
+        ("SLM only", lambda m: m == "SLM only", dict(marker="v", ls="none", color="C2", ms=9)),
+        ("LLM only", lambda m: m == "LLM only", dict(marker="^", ls="none", color="C1", ms=9)),
+        (
+            "R2R, saved threshold",
+            lambda m: m == "R2R (saved)",
+            dict(marker="*", ls="none", color="k", ms=15),
+        ),
+    ]
     for label, chosen, style in series:
         rs = sorted((r for r in results if chosen(r["method"])), key=lambda r: r["share"])
-        err = [[100 * (r["acc"] - r["acc_lo"]) for r in rs], [100 * (r["acc_hi"] - r["acc"]) for r in rs]]
-        ax.errorbar([100 * r["share"] for r in rs], [100 * r["acc"] for r in rs], yerr=err, capsize=3, label=label,
-                    **style)
-    labels = [ax.annotate(f"{r['threshold']:.2f}", (100 * r["share"], 100 * r["acc"]), textcoords="offset points",
-                          xytext=(6, -12), fontsize=8) for r in sorted(results, key=lambda r: (r["share"], -r["acc"]))
-              if r["method"].startswith("R2R")]
-    ax.set_xscale("symlog", linthresh=1)  # 0% (SLM only) to 100% (LLM only), R2R's few percent readable
-    ax.set_xticks([0, 1, 2, 5, 10, 20, 50, 100], labels=["0", "1", "2", "5", "10", "20", "50", "100"])
+        err = [
+            [100 * (r["acc"] - r["acc_lo"]) for r in rs],
+            [100 * (r["acc_hi"] - r["acc"]) for r in rs],
+        ]
+        ax.errorbar(
+            [100 * r["share"] for r in rs],
+            [100 * r["acc"] for r in rs],
+            yerr=err,
+            capsize=3,
+            label=label,
+            **style,
+        )
+    labels = [
+        ax.annotate(
+            f"{r['threshold']:.2f}",
+            (100 * r["share"], 100 * r["acc"]),
+            textcoords="offset points",
+            xytext=(6, -12),
+            fontsize=8,
+        )
+        for r in sorted(results, key=lambda r: (r["share"], -r["acc"]))
+        if r["method"].startswith("R2R")
+    ]
+    ax.set_xscale(
+        "symlog", linthresh=1
+    )  # 0% (SLM only) to 100% (LLM only), R2R's few percent readable
+    ax.set_xticks(
+        [0, 1, 2, 5, 10, 20, 50, 100], labels=["0", "1", "2", "5", "10", "20", "50", "100"]
+    )
     ax.set_xlabel("tokens written by the LLM (%)")
     ax.set_ylabel("accuracy (%), 95% bootstrap interval")
     ax.set_title(f"accuracy against LLM share, {results[0]['n']} problems")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes, where it covers no point
+    ax.legend(
+        fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1)
+    )  # beside the axes, where it covers no point
     separate(labels, fig.canvas.get_renderer())
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -330,14 +463,20 @@ def main(argv=None):
     results = evaluate(args)
     if not PartialState().is_main_process:  # under torchrun, the first process reports
         return results
-    print(f"\n{results[0]['n']} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n")
-    print("| method | threshold | LLM share | accuracy | 95% interval | identical to LLM | answer differs "
-          "from LLM | avg activated params |")
+    print(
+        f"\n{results[0]['n']} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n"
+    )
+    print(
+        "| method | threshold | LLM share | accuracy | 95% interval | identical to LLM | answer differs "
+        "from LLM | avg activated params |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         th = "" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        print(f"| {r['method']} | {th} | {r['share']:.1%} | {r['acc']:.1%} | {r['acc_lo']:.1%} - {r['acc_hi']:.1%} | "
-              f"{r['identical']:.1%} | {r['flipped']:.1%} | {r['params'] / 1e6:.3f}M |")
+        print(
+            f"| {r['method']} | {th} | {r['share']:.1%} | {r['acc']:.1%} | {r['acc_lo']:.1%} - {r['acc_hi']:.1%} | "
+            f"{r['identical']:.1%} | {r['flipped']:.1%} | {r['params'] / 1e6:.3f}M |"
+        )
     if args.out:
         write_rows(results, args.out)
         r2r.status(f"wrote {len(results)} rows to {args.out}")

@@ -22,6 +22,7 @@ other than SDPA (it sets both models to ATTENTION: SDPA exactly where no bucket 
 prompts' prefills, the first catch-up (it reads the prompt), gaps over max_bucket. Flex attention also skips empty
 blocks, but gave other tokens than eager under CUDA graphs (docs/gpu.md).
 """
+
 import math
 import time
 from typing import Callable, NamedTuple
@@ -47,19 +48,26 @@ def sdpa_over_bucket(module, query, key, value, attention_mask, *, context_bucke
 
 
 AttentionInterface.register(ATTENTION, sdpa_over_bucket)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # under a name it does not know, a model builds NO mask
+AttentionMaskInterface.register(
+    ATTENTION, sdpa_mask
+)  # under a name it does not know, a model builds NO mask
 
 
 def attend(model, ids, cache, context):
     """model reads ids (1, T) into its static cache, attending over `context` slots -> last hidden states (1, T, H)."""
-    return model.base_model(input_ids=ids, cache=cache, use_cache=True, context_bucket=context).last_hidden_state
+    return model.base_model(
+        input_ids=ids, cache=cache, use_cache=True, context_bucket=context
+    ).last_hidden_state
 
 
 def kv_shape(model):
     """Layers, KV heads and head size: a static cache holds keys and values (1, KVH, slots, D) in every layer."""
     c = model.config.get_text_config()
-    return (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-            getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    return (
+        c.num_hidden_layers,
+        getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    )
 
 
 def cache_bytes(model, slots):
@@ -71,7 +79,9 @@ def activation_bytes(model, tokens, context):
     frees each layer's): keys and values repeated to every head (GQA under a mask), scores, the MLP's halves."""
     c, D = model.config.get_text_config(), kv_shape(model)[2]
     attention = c.num_attention_heads * context * (2 * D + tokens)
-    return (attention + tokens * (3 * c.intermediate_size + 4 * c.hidden_size)) * model.dtype.itemsize
+    return (
+        attention + tokens * (3 * c.intermediate_size + 4 * c.hidden_size)
+    ) * model.dtype.itemsize
 
 
 def refusal(slm, llm):
@@ -88,7 +98,9 @@ def unsuitable(slm, llm, batch_size):
     """Why the default engine is eager here, or None where the fast one pays and fits: the LLM on
     one GPU, one prompt at a time, and weights under 1/2.5 of the GPU's memory (the fast engine
     peaked at 2.3x the weights on an H100, docs/gpu.md)."""
-    if why := refusal(slm, llm) or ("batches decode eager" if batch_size > 1 else None):  # refusal builds caches: once
+    if why := refusal(slm, llm) or (
+        "batches decode eager" if batch_size > 1 else None
+    ):  # refusal builds caches: once
         return why
     if llm.device.type != "cuda":
         return "the fast engine pays off only with CUDA graphs"
@@ -105,7 +117,9 @@ def pick_engine(slm, llm, tok, *, kind, max_tokens, batch_size=1):
     why = "as asked" if kind else unsuitable(slm, llm, batch_size)
     if kind == "fast" or why is None:
         engine = FastEngine(slm, llm, tok, max_tokens=max_tokens)
-        r2r.status(f"engine fast ({'CUDA graphs' if engine.graphs else 'no graphs off CUDA'}; {why or 'the default'})")
+        r2r.status(
+            f"engine fast ({'CUDA graphs' if engine.graphs else 'no graphs off CUDA'}; {why or 'the default'})"
+        )
         return engine
     r2r.status(f"engine eager (DynamicCache; {why})")
     return r2r.EagerEngine(slm, llm, tok)
@@ -113,6 +127,7 @@ def pick_engine(slm, llm, tok, *, kind, max_tokens, batch_size=1):
 
 class Captured(NamedTuple):
     """A function built once per engine, and the router whose weights its graph reads (kept alive)."""
+
     router: torch.nn.Module
     fn: Callable
 
@@ -127,43 +142,67 @@ class FastEngine(r2r.EagerEngine):
         super().__init__(slm, llm, tok)
         self.size = max_tokens
         self.graphs = llm.device.type == "cuda" if graphs is None else graphs
-        self.buckets = [1 << i for i in range(max_bucket.bit_length())]  # catch-up lengths 1, 2, 4, ... <= max_bucket
+        self.buckets = [
+            1 << i for i in range(max_bucket.bit_length())
+        ]  # catch-up lengths 1, 2, 4, ... <= max_bucket
         slots = max_tokens + self.buckets[-1]  # the largest padded catch-up may start at max_tokens
-        self.contexts = [min_context << i for i in range(((slots - 1) // min_context).bit_length())] + [slots]
+        self.contexts = [
+            min_context << i for i in range(((slots - 1) // min_context).bit_length())
+        ] + [slots]
         for m in (slm, llm):  # SDPA still; the engine's calls name a context bucket
             m.set_attn_implementation(ATTENTION)
         self.slm_cache = StaticCache(config=slm.config, max_cache_len=slots)
         self.llm_cache = StaticCache(config=llm.config, max_cache_len=slots)
-        self.fed = torch.zeros(1, 1, dtype=torch.long, device=slm.device)  # (1, 1) the token the SLM reads next
+        self.fed = torch.zeros(
+            1, 1, dtype=torch.long, device=slm.device
+        )  # (1, 1) the token the SLM reads next
         self.u_slm = torch.zeros(1, device=slm.device)  # (1,) the uniform of the SLM's next pick
         self.u_llm = torch.zeros(1, device=llm.device)  # (1,) the same for the LLM's
-        self.cut = torch.zeros((), dtype=torch.float32 if slm.device.type == "mps" else torch.float64,
-                               device=slm.device)  # () the threshold; float64 where it exists, as r2r.route
-        self.gap_ids = {P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in self.buckets}  # (1, P)
-        self.gap = torch.ones(1, dtype=torch.long, device=llm.device)  # (1,) real tokens in the padded gap
-        self.fns, self.setup_seconds = {}, 0.0  # captured functions by key; seconds spent capturing them
+        self.cut = torch.zeros(
+            (),
+            dtype=torch.float32 if slm.device.type == "mps" else torch.float64,
+            device=slm.device,
+        )  # () the threshold; float64 where it exists, as r2r.route
+        self.gap_ids = {
+            P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in self.buckets
+        }  # (1, P)
+        self.gap = torch.ones(
+            1, dtype=torch.long, device=llm.device
+        )  # (1,) real tokens in the padded gap
+        self.fns, self.setup_seconds = (
+            {},
+            0.0,
+        )  # captured functions by key; seconds spent capturing them
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         r2r.status(self.plan())
 
     def plan(self):
         """What the engine allocates, in one line: its caches, and about the largest captured function's activations."""
         slots, P, mib = self.contexts[-1], self.buckets[-1], lambda n: f"{n / 2**20:.0f} MiB"
-        return (f"fast engine: static caches of {slots} tokens, SLM {mib(cache_bytes(self.slm, slots))}, LLM "
-                f"{mib(cache_bytes(self.llm, slots))}; context buckets {' '.join(map(str, self.contexts))}; a catch-up "
-                f"of {P} over all {slots} slots holds about {mib(activation_bytes(self.llm, P, slots))} of activations")
+        return (
+            f"fast engine: static caches of {slots} tokens, SLM {mib(cache_bytes(self.slm, slots))}, LLM "
+            f"{mib(cache_bytes(self.llm, slots))}; context buckets {' '.join(map(str, self.contexts))}; a catch-up "
+            f"of {P} over all {slots} slots holds about {mib(activation_bytes(self.llm, P, slots))} of activations"
+        )
 
     def bucket(self, n):
         """The smallest context bucket that holds n tokens."""
         return next(c for c in self.contexts if c >= n)
 
-    def start(self, router, prompt_ids, *, route, threshold, temperature, top_p, generator, max_new_tokens):
+    def start(
+        self, router, prompt_ids, *, route, threshold, temperature, top_p, generator, max_new_tokens
+    ):
         if len(prompt_ids) + max_new_tokens > self.size:
-            raise r2r.R2RError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the fast engine's "
-                               f"{self.size}: build it with a larger max_tokens, or use --engine eager")
+            raise r2r.R2RError(
+                f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the fast engine's "
+                f"{self.size}: build it with a larger max_tokens, or use --engine eager"
+            )
         self.router, self.route, self.temperature, self.top_p = router, route, temperature, top_p
         self.generator = generator
         self.cut.fill_(threshold if route else 0)
-        for layer in self.slm_cache.layers + self.llm_cache.layers:  # a new prompt: the old slots are junk now
+        for layer in (
+            self.slm_cache.layers + self.llm_cache.layers
+        ):  # a new prompt: the old slots are junk now
             layer.cumulative_length.zero_()
         self.slm_seen = self.llm_seen = 0  # tokens in each cache, on the host
 
@@ -177,12 +216,16 @@ class FastEngine(r2r.EagerEngine):
         if self.slm_seen == 0:  # after what the cache holds: nothing, or a context bench.py filled
             self.slm_seen = int(self.slm_cache.get_seq_length())
             ids = torch.tensor([fed], device=self.slm.device)  # (1, T)
-            hidden = attend(self.slm, ids, self.slm_cache, self.bucket(self.slm_seen + len(fed)))[:, -1]  # (1, H)
-            logits = self.slm.get_output_embeddings()(hidden)[:, :self.vocab_size]  # (1, V)
+            hidden = attend(self.slm, ids, self.slm_cache, self.bucket(self.slm_seen + len(fed)))[
+                :, -1
+            ]  # (1, H)
+            logits = self.slm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
             out = self._decide(hidden, logits, self.route, self.temperature, self.top_p)
         else:
             self.fed.fill_(fed[0])
-            out = self._slm_fn(self.bucket(self.slm_seen + 1), self.route, self.temperature, self.top_p)()
+            out = self._slm_fn(
+                self.bucket(self.slm_seen + 1), self.route, self.temperature, self.top_p
+            )()
         self.slm_seen += len(fed)
         token, routed = out.tolist()
         return r2r.Proposal(token, bool(routed))
@@ -194,14 +237,18 @@ class FastEngine(r2r.EagerEngine):
         ids = torch.tensor([gap], device=self.llm.device)  # (1, gap)
         if self.llm_seen and len(gap) <= self.buckets[-1]:
             P = 1 << (len(gap) - 1).bit_length()
-            fn = self._llm_fn(P, self.bucket(self.llm_seen + P), self.temperature, self.top_p)  # first: sets self.gap
-            self.gap_ids[P][:, :len(gap)] = ids
+            fn = self._llm_fn(
+                P, self.bucket(self.llm_seen + P), self.temperature, self.top_p
+            )  # first: sets self.gap
+            self.gap_ids[P][:, : len(gap)] = ids
             self.gap.fill_(len(gap))
             token = fn().item()
         else:
             self.llm_seen = self.llm_seen or int(self.llm_cache.get_seq_length())  # as in propose
-            hidden = attend(self.llm, ids, self.llm_cache, self.bucket(self.llm_seen + len(gap)))[:, -1]  # (1, H)
-            logits = self.llm.get_output_embeddings()(hidden)[:, :self.vocab_size]  # (1, V)
+            hidden = attend(self.llm, ids, self.llm_cache, self.bucket(self.llm_seen + len(gap)))[
+                :, -1
+            ]  # (1, H)
+            logits = self.llm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
             token = r2r.sample(logits, self.temperature, self.top_p, self.u_llm).item()
         self.llm_seen += len(gap)
         return token
@@ -212,19 +259,29 @@ class FastEngine(r2r.EagerEngine):
         if not route:
             return torch.cat([token, torch.zeros_like(token)])
         feats = r2r.router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])
-        return torch.cat([token, (torch.sigmoid(self.router(*feats)).to(self.cut) >= self.cut).long()])
+        return torch.cat(
+            [token, (torch.sigmoid(self.router(*feats)).to(self.cut) >= self.cut).long()]
+        )
 
     def _slm_fn(self, context, route, temperature, top_p):
         """Steps 1-2 for the token in self.fed, as one captured function -> (2,): candidate, routed."""
+
         def fn():
             hidden = attend(self.slm, self.fed, self.slm_cache, context)[:, -1]  # (1, H)
-            logits = self.slm.get_output_embeddings()(hidden)[:, :self.vocab_size]  # (1, V)
+            logits = self.slm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
             return self._decide(hidden, logits, route, temperature, top_p)
-        return self._captured(("slm", context, route, temperature, top_p, id(self.router) if route else None), fn, True)
+
+        return self._captured(
+            ("slm", context, route, temperature, top_p, id(self.router) if route else None),
+            fn,
+            True,
+        )
 
     def _llm_fn(self, P, context, temperature, top_p):
         """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P -> the LLM's token (1,)."""
-        self.gap.fill_(P)  # any gap <= P is valid while capturing; the caller sets the real one after
+        self.gap.fill_(
+            P
+        )  # any gap <= P is valid while capturing; the caller sets the real one after
 
         def fn():
             start = self.llm_cache.layers[0].cumulative_length.clone()
@@ -232,7 +289,8 @@ class FastEngine(r2r.EagerEngine):
             for layer in self.llm_cache.layers:  # forget the padding
                 layer.cumulative_length.copy_(start + self.gap[0])
             logits = self.llm.get_output_embeddings()(hidden[:, self.gap - 1])  # (1, 1, V)
-            return r2r.sample(logits[:, 0, :self.vocab_size], temperature, top_p, self.u_llm)
+            return r2r.sample(logits[:, 0, : self.vocab_size], temperature, top_p, self.u_llm)
+
         return self._captured(("llm", P, context, temperature, top_p), fn, P == 1)
 
     @torch.no_grad()  # captured and compiled for inference, as decode runs them
@@ -240,10 +298,12 @@ class FastEngine(r2r.EagerEngine):
         """Capture now every function a decode in `mode` up to `up_to` tokens can use (bench.py times decodes with no
         capture inside). Needs allocated caches: call it after a decode."""
         self.router, up_to = router, min(up_to or self.size, self.size)
-        for c in self.contexts[:self.contexts.index(self.bucket(up_to)) + 1] if mode != "llm" else []:
+        for c in (
+            self.contexts[: self.contexts.index(self.bucket(up_to)) + 1] if mode != "llm" else []
+        ):
             self._slm_fn(c, mode == "r2r", temperature, top_p)
         for P in self.buckets if mode != "slm" else []:
-            for c in self.contexts[:self.contexts.index(self.bucket(up_to + P)) + 1]:
+            for c in self.contexts[: self.contexts.index(self.bucket(up_to + P)) + 1]:
                 self._llm_fn(P, c, temperature, top_p)
 
     def _captured(self, key, fn, compiled):
@@ -257,7 +317,9 @@ class FastEngine(r2r.EagerEngine):
         if not self.graphs:
             return fn
         # Every key's function is a closure of the same code: dynamo counts each against one recompile limit.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.fns) + 8)
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, len(self.fns) + 8
+        )
         t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -265,7 +327,9 @@ class FastEngine(r2r.EagerEngine):
             self._warm_up(fn)
         torch.cuda.current_stream().wait_stream(stream)
         graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
-        if gen is not None and gen.device.type == "cuda":  # the random baseline draws inside the graph
+        if (
+            gen is not None and gen.device.type == "cuda"
+        ):  # the random baseline draws inside the graph
             graph.register_generator_state(gen)
         with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one at a time
             out = fn()
@@ -275,6 +339,7 @@ class FastEngine(r2r.EagerEngine):
         def replay():
             graph.replay()
             return out
+
         return replay
 
     def _warm_up(self, fn, times=3):

@@ -15,6 +15,7 @@ summary line per prompt; with --json, one JSON object per prompt per line instea
 The decoding loop itself is r2r.decode (r2r.decode_batch for several prompts at once), over the
 engine that fast.pick_engine chooses; bench.py and evaluate.py use them too.
 """
+
 import json
 import os
 import re
@@ -30,22 +31,56 @@ COLOUR = ("\033[1;31m", "\033[0m")  # the LLM's tokens on a terminal: bold red
 
 def parse_args(argv=None):
     p = r2r.parser(__doc__, engine=True)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
-    p.add_argument("--prompts-file", help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
-                   "or a hub dataset")
-    p.add_argument("--prompt-field", default="prompt", help="--prompts-file's field holding the prompt")
-    p.add_argument("--split", default="train", help="split of a hub dataset given as --prompts-file")
+    p.add_argument(
+        "--prompt", action="append", default=[], help="a prompt; repeat the flag for several"
+    )
+    p.add_argument(
+        "--prompts-file",
+        help=".txt (one prompt per line), .json/.jsonl (a 'prompt' field per object) "
+        "or a hub dataset",
+    )
+    p.add_argument(
+        "--prompt-field", default="prompt", help="--prompts-file's field holding the prompt"
+    )
+    p.add_argument(
+        "--split", default="train", help="split of a hub dataset given as --prompts-file"
+    )
     # decoding
-    p.add_argument("--mode", choices=["r2r", "slm", "llm"], default="r2r",
-                   help="r2r routes with the router; slm / llm force every token to one model")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="route to the LLM when the router's score is at least this (default: the router's saved one)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples (SLM and LLM alike)")
+    p.add_argument(
+        "--mode",
+        choices=["r2r", "slm", "llm"],
+        default="r2r",
+        help="r2r routes with the router; slm / llm force every token to one model",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="route to the LLM when the router's score is at least this (default: the router's saved one)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="stop after this many new tokens"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 is greedy; above 0 samples (SLM and LLM alike)",
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling: prompt i draws from its own seed + i")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded at once (r2r.decode_batch); "
-                   "in fp32 the tokens are the same at every batch size (tests/test_batch.py); streams only at 1")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for sampling: prompt i draws from its own seed + i",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts decoded at once (r2r.decode_batch); "
+        "in fp32 the tokens are the same at every batch size (tests/test_batch.py); streams only at 1",
+    )
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     args = p.parse_args(argv)
@@ -71,8 +106,10 @@ def demo_note(args, prompt):
         return None
     if DEMO_TASK.fullmatch(re.sub(r"\s", "", prompt)):
         return None
-    return (f"note: the demo pair only knows a+b with 2 to 4 digit operands (like 4837+2956), so expect "
-            f"nonsense for {prompt!r}; pass --slm/--llm/--router for your own pair")
+    return (
+        f"note: the demo pair only knows a+b with 2 to 4 digit operands (like 4837+2956), so expect "
+        f"nonsense for {prompt!r}; pass --slm/--llm/--router for your own pair"
+    )
 
 
 class Prefixes:
@@ -85,11 +122,11 @@ class Prefixes:
 
     def __call__(self, tokens, end):
         a = max(0, self.at - self.context)
-        known = self.tok.decode(tokens[a:self.at], skip_special_tokens=True)
+        known = self.tok.decode(tokens[a : self.at], skip_special_tokens=True)
         full = self.tok.decode(tokens[a:end], skip_special_tokens=True) if end >= self.at else ""
         if end < self.at or not full.startswith(known):  # not a continuation: decode it all
             return self.tok.decode(tokens[:end], skip_special_tokens=True)
-        text = self.text + full[len(known):]
+        text = self.text + full[len(known) :]
         if not text.endswith("\ufffd"):  # a whole character: the next call starts here
             self.at, self.text = end, text
         return text
@@ -104,10 +141,12 @@ def render(tok, trace, colour):
     for i in range(1, n + 1):
         if i == n or trace.from_llm[i] != trace.from_llm[start]:
             full = prefix(trace.tokens, i)
-            full = full if i == n else full.rstrip("\ufffd")  # a split character's first bytes wait for the rest
-            piece = full[len(prev):]
+            full = (
+                full if i == n else full.rstrip("\ufffd")
+            )  # a split character's first bytes wait for the rest
+            piece = full[len(prev) :]
             if trace.from_llm[start] and piece.strip():  # leading space stays outside the marks
-                lead = piece[:len(piece) - len(piece.lstrip())]
+                lead = piece[: len(piece) - len(piece.lstrip())]
                 piece = f"{lead}{marks[0]}{piece.lstrip()}{marks[1]}"
             text.append(piece)
             prev, start = full, i
@@ -130,18 +169,20 @@ class Stream:
     def __call__(self, slm_cache, llm_cache, traces):
         trace = traces[0]
         n = len(trace.tokens)
-        if trace.from_llm[n - 1] != trace.from_llm[self.start]:  # a new run begins at the newest token
+        if (
+            trace.from_llm[n - 1] != trace.from_llm[self.start]
+        ):  # a new run begins at the newest token
             self.flush(trace, n - 1)
             self.start = n - 1
         text = self.prefix(trace.tokens, n)
         if not text.endswith("\ufffd") and text.startswith(self.printed):
-            self.write(text[len(self.printed):], trace.from_llm[self.start])
+            self.write(text[len(self.printed) :], trace.from_llm[self.start])
 
     def flush(self, trace, end):
         """Write the current run up to token `end` and close it; a character split there goes to the next run."""
         text = self.prefix(trace.tokens, end)
         text = text if end == len(trace.tokens) else text.rstrip("\ufffd")
-        self.write(text[len(self.printed):], trace.from_llm[self.start])
+        self.write(text[len(self.printed) :], trace.from_llm[self.start])
         self.out.write(COLOUR[1] if self.opened else self.held)
         self.held, self.opened = "", False
         self.out.flush()
@@ -153,7 +194,7 @@ class Stream:
             if not self.held.strip():
                 return
             body = self.held.lstrip()
-            piece = f"{self.held[:len(self.held) - len(body)]}{COLOUR[0]}{body}"
+            piece = f"{self.held[: len(self.held) - len(body)]}{COLOUR[0]}{body}"
             self.held, self.opened = "", True
         self.out.write(piece)
         self.out.flush()
@@ -161,17 +202,27 @@ class Stream:
 
 def summarize(trace, p_slm, p_llm):
     """A response's numbers, read off its Trace."""
-    return dict(new_tokens=len(trace.tokens), llm_share=trace.llm_share, llm_calls=len(trace.catch_up),
-                mean_catch_up=trace.mean_catch_up, tokens_per_s=len(trace.tokens) / max(trace.seconds, 1e-9),
-                activated_params=trace.activated_params(p_slm, p_llm))
+    return dict(
+        new_tokens=len(trace.tokens),
+        llm_share=trace.llm_share,
+        llm_calls=len(trace.catch_up),
+        mean_catch_up=trace.mean_catch_up,
+        tokens_per_s=len(trace.tokens) / max(trace.seconds, 1e-9),
+        activated_params=trace.activated_params(p_slm, p_llm),
+    )
 
 
 def decode_chunk(engine, router, ids, gens, args, stream=None):
     """The traces of a few prompts decoded together (r2r.decode_batch), or of one prompt by
     r2r.decode, which can stream. Prompt i samples from its own generator gens[i], so its
     tokens do not depend on the batch it is in."""
-    kw = dict(max_new_tokens=args.max_new_tokens, mode=args.mode, threshold=args.threshold,
-              temperature=args.temperature, top_p=args.top_p)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        mode=args.mode,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     if len(ids) == 1:
         return [r2r.decode(engine, router, ids[0], generator=gens[0], on_step=stream, **kw)]
     return r2r.decode_batch(engine, router, ids, generators=gens, **kw).traces
@@ -181,34 +232,53 @@ def show(prompt, trace, tok, s, args, stream):
     """One response: a JSON line, or its text (already streamed, or rendered now) and a summary."""
     if args.json:
         text = tok.decode(trace.tokens, skip_special_tokens=True)
-        print(json.dumps(dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)))
+        print(
+            json.dumps(
+                dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)
+            )
+        )
         return
     if stream is not None:
         stream.flush(trace, len(trace.tokens))
         print()
     else:
         print(render(tok, trace, colour=sys.stdout.isatty()))
-    print(f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
-          f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
-          f"avg activated params {s['activated_params'] / 1e6:.3g}M")
+    print(
+        f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
+        f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
+        f"avg activated params {s['activated_params'] / 1e6:.3g}M"
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [row["prompt"] for row in r2r.read_prompts(args.prompts_file, args.split, args.prompt_field)]
+        prompts += [
+            row["prompt"]
+            for row in r2r.read_prompts(args.prompts_file, args.split, args.prompt_field)
+        ]
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
     limits = r2r.EagerEngine(slm, llm, tok)  # reads the models' positions off their configs
-    rooms = [r2r.room(limits, p, args.max_new_tokens) for p in ids]  # refuses, before decoding, a prompt with none
+    rooms = [
+        r2r.room(limits, p, args.max_new_tokens) for p in ids
+    ]  # refuses, before decoding, a prompt with none
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(ids))]
-    engine = fast.pick_engine(slm, llm, tok, kind=args.engine, max_tokens=max(len(p) + r for p, r in zip(ids, rooms)),
-                              batch_size=args.batch_size)
-    live = sys.stdout.isatty() and not args.json and args.batch_size == 1  # stream to a terminal, one prompt at a time
+    engine = fast.pick_engine(
+        slm,
+        llm,
+        tok,
+        kind=args.engine,
+        max_tokens=max(len(p) + r for p, r in zip(ids, rooms)),
+        batch_size=args.batch_size,
+    )
+    live = (
+        sys.stdout.isatty() and not args.json and args.batch_size == 1
+    )  # stream to a terminal, one prompt at a time
     done = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = range(first, min(first + args.batch_size, len(prompts)))
@@ -217,7 +287,9 @@ def main(argv=None):
             if note:
                 r2r.status(note)
         stream = Stream(tok) if live else None
-        traces = decode_chunk(engine, router, [ids[i] for i in chunk], [gens[i] for i in chunk], args, stream)
+        traces = decode_chunk(
+            engine, router, [ids[i] for i in chunk], [gens[i] for i in chunk], args, stream
+        )
         for i, trace in zip(chunk, traces):
             show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
         done += traces

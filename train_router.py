@@ -12,6 +12,7 @@ stopping and the threshold; held-out prompts for the report, so its recall and L
 were measured on prompts that chose nothing. It does not label (label.py) or decode
 (generate.py).
 """
+
 import os
 import sys
 from typing import NamedTuple
@@ -33,8 +34,10 @@ def auc(scores, labels):
     ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based, ties share their mean rank
     n_pos = y.sum().item()
     if n_pos in (0, len(y)):
-        return float("nan")  # undefined with one class only (a tiny held-out split can have no negatives)
-    return ((ranks[y].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
+        return float(
+            "nan"
+        )  # undefined with one class only (a tiny held-out split can have no negatives)
+    return (ranks[y].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos))
 
 
 def threshold_for_recall(scores, labels, recall):
@@ -51,7 +54,9 @@ def threshold_for_share(scores, share):
 
 def recall_share(scores, labels, threshold):
     routed = scores >= threshold
-    return (routed & labels.bool()).sum().item() / max(labels.sum().item(), 1), routed.float().mean().item()
+    return (routed & labels.bool()).sum().item() / max(
+        labels.sum().item(), 1
+    ), routed.float().mean().item()
 
 
 def load_features(folder, device):
@@ -62,8 +67,10 @@ def load_features(folder, device):
     cols = ["hidden", "topk", "slm_token", "label", "prompt_id"]
     data = ds.select_columns(cols).with_format("torch")[:]  # (N, H), (N, k), then (N,) each
     if data["label"].sum() == 0:
-        raise r2r.R2RError(f"{folder} has no divergent labels, so there is nothing to route: label more prompts "
-                           "or check the verifier")
+        raise r2r.R2RError(
+            f"{folder} has no divergent labels, so there is nothing to route: label more prompts "
+            "or check the verifier"
+        )
     slm = r2r.load_model(meta["slm"], device)
     tok = r2r.load_tokenizer(meta["slm"])
     have = r2r.fingerprint(slm, tok)
@@ -74,6 +81,7 @@ def load_features(folder, device):
 
 class Split(NamedTuple):
     """Position indices (N_split,) of the three prompt-level splits."""
+
     train: torch.Tensor  # fits the weights
     val: torch.Tensor  # early stopping and the threshold
     test: torch.Tensor  # held out: chose nothing, so its recall and LLM share are honest
@@ -86,9 +94,14 @@ def split_by_prompt(prompt_ids, val_fraction, test_fraction, seed):
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
     n_val, n_test = max(1, round(val_fraction * len(ids))), max(1, round(test_fraction * len(ids)))
     if n_val + n_test >= len(ids):
-        raise r2r.R2RError(f"{len(ids)} prompts cannot be split with --val-fraction {val_fraction} and "
-                           f"--test-fraction {test_fraction}: label more prompts")
-    val, test = torch.isin(prompt_ids, ids[:n_val]), torch.isin(prompt_ids, ids[n_val:n_val + n_test])
+        raise r2r.R2RError(
+            f"{len(ids)} prompts cannot be split with --val-fraction {val_fraction} and "
+            f"--test-fraction {test_fraction}: label more prompts"
+        )
+    val, test = (
+        torch.isin(prompt_ids, ids[:n_val]),
+        torch.isin(prompt_ids, ids[n_val : n_val + n_test]),
+    )
     return Split((~val & ~test).nonzero()[:, 0], val.nonzero()[:, 0], test.nonzero()[:, 0])
 
 
@@ -96,13 +109,17 @@ def router_logits(router, emb_table, data, i):
     """The router on positions i. The label set stays in host memory; each batch moves to
     the router's device, where the SLM's embedding table must be too (--device cuda)."""
     dev = next(router.parameters()).device
-    return router(data["hidden"][i].to(dev), data["topk"][i].to(dev), emb_table(data["slm_token"][i].to(dev)))
+    return router(
+        data["hidden"][i].to(dev), data["topk"][i].to(dev), emb_table(data["slm_token"][i].to(dev))
+    )
 
 
 def batch_loss(router, emb_table, data, y, i, pos_weight):
     """Class-weighted binary cross-entropy of one batch (R2R Stage 2), on the router's device."""
     logit = router_logits(router, emb_table, data, i)
-    return F.binary_cross_entropy_with_logits(logit, y[i].to(logit.device), pos_weight=pos_weight.to(logit.device))
+    return F.binary_cross_entropy_with_logits(
+        logit, y[i].to(logit.device), pos_weight=pos_weight.to(logit.device)
+    )
 
 
 @torch.no_grad()
@@ -128,16 +145,24 @@ def fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
             opt.step()
             losses.append(loss.item())
         s, yv = scores_of(router, emb_table, data, va_idx), y[va_idx]
-        vl = F.binary_cross_entropy(s.clamp(1e-7, 1 - 1e-7), yv, weight=1 + (pos_weight - 1) * yv).item()
+        vl = F.binary_cross_entropy(
+            s.clamp(1e-7, 1 - 1e-7), yv, weight=1 + (pos_weight - 1) * yv
+        ).item()
         rec, share = recall_share(s, yv, threshold_for_recall(s, yv, args.recall))
-        bar.write(f"epoch {epoch + 1:3d} | train loss {sum(losses) / len(losses):.4f} | val loss {vl:.4f} | "
-                  f"val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share {share:.1%}", file=sys.stderr)
+        bar.write(
+            f"epoch {epoch + 1:3d} | train loss {sum(losses) / len(losses):.4f} | val loss {vl:.4f} | "
+            f"val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share {share:.1%}",
+            file=sys.stderr,
+        )
         if vl < best:
             best, best_state, bad = vl, {k: v.clone() for k, v in router.state_dict().items()}, 0
         else:
             bad += 1
             if bad >= args.patience:
-                bar.write(f"early stop: no better validation loss for {args.patience} epochs", file=sys.stderr)
+                bar.write(
+                    f"early stop: no better validation loss for {args.patience} epochs",
+                    file=sys.stderr,
+                )
                 break
     router.load_state_dict(best_state)
 
@@ -148,10 +173,18 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
     s, yv = scores_of(router, emb_table, data, idx), y[idx]
     rec, share = recall_share(s, yv, threshold)
     base = r2r.confidence_scores(data["topk"][idx], torch.Generator().manual_seed(seed))
-    baselines = {name: dict(auc=auc(b, yv), recall=recall_share(b, yv, threshold_for_share(b, share))[0])
-                 for name, b in base.items()}
-    return dict(positions=len(idx), divergent=int(yv.sum()), share=share, recall=rec, auc=auc(s, yv),
-                baselines=baselines)
+    baselines = {
+        name: dict(auc=auc(b, yv), recall=recall_share(b, yv, threshold_for_share(b, share))[0])
+        for name, b in base.items()
+    }
+    return dict(
+        positions=len(idx),
+        divergent=int(yv.sum()),
+        share=share,
+        recall=rec,
+        auc=auc(s, yv),
+        baselines=baselines,
+    )
 
 
 def save_router(router, folder):
@@ -160,7 +193,11 @@ def save_router(router, folder):
     tmp = folder.rstrip("/") + ".tmp"
     router.save_pretrained(tmp)
     os.makedirs(folder, exist_ok=True)
-    for name in ("model.safetensors", "README.md", "config.json"):  # config last: it marks a whole router
+    for name in (
+        "model.safetensors",
+        "README.md",
+        "config.json",
+    ):  # config last: it marks a whole router
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     os.rmdir(tmp)
 
@@ -169,10 +206,18 @@ def parse_args(argv=None):
     p = r2r.parser(__doc__, pair=False)
     # data
     p.add_argument("--labels", default="labels", help="folder written by label.py")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of prompts for early stopping and the "
-                   "threshold")
-    p.add_argument("--test-fraction", type=float, default=0.15, help="share of prompts held out for the report: "
-                   "they choose nothing")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="share of prompts for early stopping and the threshold",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.15,
+        help="share of prompts held out for the report: they choose nothing",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the split and the initialisation")
     # router size: the paper's 6 blocks x 1024 (56M parameters) is far more than the demo needs
     p.add_argument("--width", type=int, default=128, help="MLP width (paper: 1024)")
@@ -180,28 +225,61 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in each block")
     # optimisation
     p.add_argument("--epochs", type=int, default=50, help="most epochs (paper: 50)")
-    p.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better "
-                   "validation loss (paper: 10)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=10,
+        help="stop after this many epochs without a better validation loss (paper: 10)",
+    )
     p.add_argument("--batch-size", type=int, default=1024, help="positions per step (paper: 1024)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 5e-5 for its 56M router)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (paper: 5e-4)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate (paper: 5e-5 for its 56M router)",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=5e-4, help="AdamW weight decay (paper: 5e-4)"
+    )
     # threshold
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--recall", type=float, default=0.95, help="lowest LLM share whose validation recall of "
-                   "divergent tokens is at least this (the paper's rule)")
-    g.add_argument("--llm-share", type=float, default=None, help="instead, route this share of validation tokens")
+    g.add_argument(
+        "--recall",
+        type=float,
+        default=0.95,
+        help="lowest LLM share whose validation recall of "
+        "divergent tokens is at least this (the paper's rule)",
+    )
+    g.add_argument(
+        "--llm-share",
+        type=float,
+        default=None,
+        help="instead, route this share of validation tokens",
+    )
     p.add_argument("--out", default="router", help="folder for model.safetensors and config.json")
-    p.add_argument("--device", default="cpu", help="cpu is plenty for the demo; cuda for large label sets")
+    p.add_argument(
+        "--device", default="cpu", help="cpu is plenty for the demo; cuda for large label sets"
+    )
     args = p.parse_args(argv)
-    r2r.check_args(args, epochs=1, patience=1, batch_size=1, width=1, blocks=1, dropout=0, weight_decay=0)
-    for flag, ok, where in (("lr", args.lr > 0, "above 0"), ("dropout", args.dropout < 1, "below 1"),
-                            ("recall", 0 < args.recall <= 1, "in (0, 1]"),
-                            ("llm_share", args.llm_share is None or 0 < args.llm_share <= 1, "in (0, 1]"),
-                            ("val_fraction", 0 < args.val_fraction < 1, "in (0, 1)"),
-                            ("test_fraction", 0 < args.test_fraction < 1 - args.val_fraction,
-                             f"in (0, {1 - args.val_fraction:g}), beside --val-fraction {args.val_fraction:g}")):
+    r2r.check_args(
+        args, epochs=1, patience=1, batch_size=1, width=1, blocks=1, dropout=0, weight_decay=0
+    )
+    for flag, ok, where in (
+        ("lr", args.lr > 0, "above 0"),
+        ("dropout", args.dropout < 1, "below 1"),
+        ("recall", 0 < args.recall <= 1, "in (0, 1]"),
+        ("llm_share", args.llm_share is None or 0 < args.llm_share <= 1, "in (0, 1]"),
+        ("val_fraction", 0 < args.val_fraction < 1, "in (0, 1)"),
+        (
+            "test_fraction",
+            0 < args.test_fraction < 1 - args.val_fraction,
+            f"in (0, {1 - args.val_fraction:g}), beside --val-fraction {args.val_fraction:g}",
+        ),
+    ):
         if not ok:
-            raise r2r.R2RError(f"--{flag.replace('_', '-')} must be {where}, not {getattr(args, flag)}")
+            raise r2r.R2RError(
+                f"--{flag.replace('_', '-')} must be {where}, not {getattr(args, flag)}"
+            )
     return args
 
 
@@ -214,26 +292,47 @@ def main(argv=None):
     y = data["label"].float()
     n_pos = y[split.train].sum().item()
     if min(n_pos, y[split.val].sum(), y[split.test].sum()) == 0:
-        raise r2r.R2RError("the training, validation or held-out prompts hold no divergent label: label more prompts")
+        raise r2r.R2RError(
+            "the training, validation or held-out prompts hold no divergent label: label more prompts"
+        )
     # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
     pos_weight = torch.tensor((len(split.train) - n_pos) / n_pos)
-    router = r2r.Router(data["hidden"].shape[1], data["topk"].shape[1], args.width, args.blocks, args.dropout,
-                        slm=meta["fingerprint"]).to(args.device)  # beside emb_table, which load_features placed
-    print(f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} held-out positions, "
-          f"{y.mean():.2%} divergent, pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters")
+    router = r2r.Router(
+        data["hidden"].shape[1],
+        data["topk"].shape[1],
+        args.width,
+        args.blocks,
+        args.dropout,
+        slm=meta["fingerprint"],
+    ).to(args.device)  # beside emb_table, which load_features placed
+    print(
+        f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} held-out positions, "
+        f"{y.mean():.2%} divergent, pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters"
+    )
     fit(router, emb_table, data, y, split.train, split.val, pos_weight, args)
 
     # Threshold on validation prompts (R2R Stage 2); the report on held-out prompts that chose nothing.
     s, yv = scores_of(router, emb_table, data, split.val), y[split.val]
-    t = threshold_for_share(s, args.llm_share) if args.llm_share else threshold_for_recall(s, yv, args.recall)
+    t = (
+        threshold_for_share(s, args.llm_share)
+        if args.llm_share
+        else threshold_for_recall(s, yv, args.recall)
+    )
     router.config["threshold"] = t
     save_router(router, args.out)
-    metrics = dict(threshold=t, validation=measure(router, emb_table, data, y, split.val, t, args.seed),
-                   test=measure(router, emb_table, data, y, split.test, t, args.seed))
+    metrics = dict(
+        threshold=t,
+        validation=measure(router, emb_table, data, y, split.val, t, args.seed),
+        test=measure(router, emb_table, data, y, split.test, t, args.seed),
+    )
     v, h = metrics["validation"], metrics["test"]
-    print(f"saved {args.out}: threshold {t:.4f}, chosen on validation: recall {v['recall']:.3f} at LLM share "
-          f"{v['share']:.1%}")
-    print(f"held out ({h['positions']} positions, {h['divergent']} divergent), at LLM share {h['share']:.1%}:")
+    print(
+        f"saved {args.out}: threshold {t:.4f}, chosen on validation: recall {v['recall']:.3f} at LLM share "
+        f"{v['share']:.1%}"
+    )
+    print(
+        f"held out ({h['positions']} positions, {h['divergent']} divergent), at LLM share {h['share']:.1%}:"
+    )
     print(f"  {'router':8s} AUC {h['auc']:.3f}  recall {h['recall']:.3f}")
     for name, b in h["baselines"].items():
         print(f"  {name:8s} AUC {b['auc']:.3f}  recall {b['recall']:.3f}")

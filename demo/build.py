@@ -21,6 +21,7 @@ jumps suddenly, and where it jumps moves with the seed.
     python demo/build.py            # everything from scratch (about 8 minutes, 2 CPU cores)
     python demo/build.py --check    # only report on the committed models
 """
+
 import argparse
 import json
 import os
@@ -41,15 +42,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ["+", "=", ",", ";", "write", "put", "carry", "c", "so", "thus"]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 # The prompt as the models see it: BOS, the user's text, then ":" opens the response.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                 "{% if add_generation_prompt %} :{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %} :{% endif %}"
+)
 
 # ---------------------------------------------------------------------------- the task
 
+
 def make_problem(rng, min_digits=2, max_digits=4):
     """A random problem: {"prompt": "4837+2956", "answer": "7793"}."""
-    a, b = (rng.randint(10 ** (n - 1), 10 ** n - 1)
-            for n in (rng.randint(min_digits, max_digits), rng.randint(min_digits, max_digits)))
+    a, b = (
+        rng.randint(10 ** (n - 1), 10**n - 1)
+        for n in (rng.randint(min_digits, max_digits), rng.randint(min_digits, max_digits))
+    )
     return {"prompt": f"{a}+{b}", "answer": str(a + b)}
 
 
@@ -63,7 +69,11 @@ def solve(prompt, rng):
     n = max(len(a), len(b))
     a, b = a.zfill(n)[::-1], b.zfill(n)[::-1]  # digits from the right; missing ones are 0
     swap, write, carry, so = (rng.random() < 0.5 for _ in range(4))
-    write, carry, so = ("put" if write else "write"), ("c" if carry else "carry"), ("thus" if so else "so")
+    write, carry, so = (
+        ("put" if write else "write"),
+        ("c" if carry else "carry"),
+        ("thus" if so else "so"),
+    )
     steps, digits, c = [], [], 0
     for x, y in zip(a, b):
         x, y = (y, x) if swap else (x, y)
@@ -80,27 +90,42 @@ def build_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIALS + [str(d) for d in range(10)] + WORDS + [":"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+        [
+            pre_tokenizers.Whitespace(),
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
 
 # ---------------------------------------------------------------------------- training
+
 
 def encode_batch(tok, problems, rng):
     """Right-padded training batch; the loss sees only response tokens (and EOS)."""
     rows = []
     for p in problems:
         prompt = r2r.encode_prompt(tok, p["prompt"])
-        response = tok.encode(solve(p["prompt"], rng), add_special_tokens=False) + [tok.eos_token_id]
+        response = tok.encode(solve(p["prompt"], rng), add_special_tokens=False) + [
+            tok.eos_token_id
+        ]
         rows.append((prompt, response))
     T = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), T), tok.pad_token_id)  # (B, T)
-    labels = torch.full((len(rows), T), -100)           # (B, T)
+    labels = torch.full((len(rows), T), -100)  # (B, T)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, (p, r) in enumerate(rows):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-        mask[i, :len(p) + len(r)] = 1
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
     return ids, labels, mask
 
 
@@ -110,10 +135,12 @@ def accuracy(model, tok, problems, batch_size=250):
     model.eval()
     correct = 0
     for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
+        chunk = problems[i : i + batch_size]
         replies = greedy_batch(model, tok, [p["prompt"] for p in chunk], max_new_tokens=80)
-        correct += sum(extract_answer(tok.decode(r.response_ids, skip_special_tokens=True)) == p["answer"]
-                       for r, p in zip(replies, chunk))
+        correct += sum(
+            extract_answer(tok.decode(r.response_ids, skip_special_tokens=True)) == p["answer"]
+            for r, p in zip(replies, chunk)
+        )
     model.train()
     return correct / len(problems)
 
@@ -125,8 +152,10 @@ def train(name, config, tok, val, held_out, target, max_steps, seed, batch_size=
     rng = random.Random(seed)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    print(f"{name}: {config.num_hidden_layers} layers x {config.hidden_size}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, stop at val acc >= {target}")
+    print(
+        f"{name}: {config.num_hidden_layers} layers x {config.hidden_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, stop at val acc >= {target}"
+    )
     t0, acc = time.time(), 0.0
     for step in range(1, max_steps + 1):
         problems = []
@@ -137,26 +166,38 @@ def train(name, config, tok, val, held_out, target, max_steps, seed, batch_size=
         ids, labels, mask = encode_batch(tok, problems, rng)
         for g in opt.param_groups:  # warm up over 50 steps, then decay linearly to lr / 10
             g["lr"] = lr * min(step / 50, 1 - 0.9 * step / max_steps)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # fp32: bf16 autocast is slower on CPU
+        loss = model(
+            input_ids=ids, attention_mask=mask, labels=labels
+        ).loss  # fp32: bf16 autocast is slower on CPU
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
             acc = accuracy(model, tok, val)
-            print(f"{name} step {step:4d} | loss {loss.item():.4f} | val acc {acc:.3f} | {time.time() - t0:.0f}s",
-                  flush=True)
+            print(
+                f"{name} step {step:4d} | loss {loss.item():.4f} | val acc {acc:.3f} | {time.time() - t0:.0f}s",
+                flush=True,
+            )
             if acc >= target:
                 break
     return model, acc
 
 
 def model_config(tok, layers, width):
-    return LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=256, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 def save_jsonl(path, rows):
@@ -167,21 +208,33 @@ def save_jsonl(path, rows):
 
 def check(args):
     """Report on the committed pair: greedy accuracy on the test set (decode speed: bench.py)."""
-    slm, llm, tok = r2r.load_pair(os.path.join(args.out, "slm"), os.path.join(args.out, "llm"), device="cpu")
+    slm, llm, tok = r2r.load_pair(
+        os.path.join(args.out, "slm"), os.path.join(args.out, "llm"), device="cpu"
+    )
     test = r2r.read_prompts(os.path.join(args.out, "test.jsonl"))
     for name, model in (("SLM", slm), ("LLM", llm)):
         print(f"{name} test accuracy: {accuracy(model, tok, test):.3f} on {len(test)} problems")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default=HERE, help="folder for the data and the two models")
     p.add_argument("--seed", type=int, default=0, help="seed for the data and both trainings")
-    p.add_argument("--n-train", type=int, default=3000, help="training prompts written for label.py")
+    p.add_argument(
+        "--n-train", type=int, default=3000, help="training prompts written for label.py"
+    )
     p.add_argument("--n-eval", type=int, default=500, help="validation and test prompts, each")
-    p.add_argument("--slm-target", type=float, default=0.6, help="stop the SLM at this validation accuracy")
-    p.add_argument("--llm-target", type=float, default=0.98, help="stop the LLM at this validation accuracy")
-    p.add_argument("--check", action="store_true", help="only report on the models already in --out")
+    p.add_argument(
+        "--slm-target", type=float, default=0.6, help="stop the SLM at this validation accuracy"
+    )
+    p.add_argument(
+        "--llm-target", type=float, default=0.98, help="stop the LLM at this validation accuracy"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="only report on the models already in --out"
+    )
     args = p.parse_args()
     torch.set_num_threads(min(4, os.cpu_count()))
     if args.check:
@@ -206,9 +259,13 @@ def main():
     val = splits["validation"][:200]
     # Per decoded token at these sizes the cost follows depth more than width, so the LLM
     # is deep and narrow: 10 x 64 costs about 3.6x a step of the 2 x 96 SLM on 2 CPU cores.
-    for name, layers, width, target, max_steps in (("llm", 10, 64, args.llm_target, 1200),
-                                                   ("slm", 2, 96, args.slm_target, 2000)):
-        model, acc = train(name, model_config(tok, layers, width), tok, val, held_out, target, max_steps, args.seed)
+    for name, layers, width, target, max_steps in (
+        ("llm", 10, 64, args.llm_target, 1200),
+        ("slm", 2, 96, args.slm_target, 2000),
+    ):
+        model, acc = train(
+            name, model_config(tok, layers, width), tok, val, held_out, target, max_steps, args.seed
+        )
         folder = os.path.join(args.out, name)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(folder)

@@ -24,6 +24,7 @@ Random models differ from trained ones in three ways, and the rehearsal says how
   gets both classes. Its chat template still thinks first
   unless label.py switches thinking off.
 """
+
 import argparse
 import gc
 import json
@@ -46,11 +47,20 @@ import r2r  # noqa: E402
 import train_router  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-WORDS = ["user", "assistant", "Output:0", "Output:1", ".", ";"]  # the judge's two replies are single words
+WORDS = [
+    "user",
+    "assistant",
+    "Output:0",
+    "Output:1",
+    ".",
+    ";",
+]  # the judge's two replies are single words
 # Qwen3's template in miniature: the assistant turn opens <think> unless enable_thinking is false.
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|> assistant <think> {% if enable_thinking is defined "
-                 "and enable_thinking is false %}</think> {% endif %}{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant <think> {% if enable_thinking is defined "
+    "and enable_thinking is false %}</think> {% endif %}{% endif %}"
+)
 
 
 def synthetic_tokenizer(n_ids=151643):
@@ -59,10 +69,17 @@ def synthetic_tokenizer(n_ids=151643):
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
     vocab.update({f"w{i}": i for i in range(len(vocab), n_ids)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
     tok.decoder = decoders.WordPiece()  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def words(tok, rng, n):
@@ -74,37 +91,78 @@ def random_model(name, tok, args, seed, judge=False):
     """Random weights from a published config (sizes overridden by --hidden-size/--layers)."""
     cfg = dict(bench.CONFIGS[name])
     if args.hidden_size:
-        cfg.update(hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=args.hidden_size // 2)
+        cfg.update(
+            hidden_size=args.hidden_size,
+            intermediate_size=3 * args.hidden_size,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=args.hidden_size // 2,
+        )
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
     eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model(
+        cfg.pop("model_type"), **cfg, eos_token_id=eos, pad_token_id=tok.pad_token_id
+    )
     torch.manual_seed(seed)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     if judge:
         with torch.no_grad():
-            head, verdicts = model.get_output_embeddings().weight, tok.convert_tokens_to_ids(["Output:0", "Output:1"])
-            model.get_input_embeddings().weight[verdicts] = 0  # so what follows a verdict hangs on the prompt
+            head, verdicts = (
+                model.get_output_embeddings().weight,
+                tok.convert_tokens_to_ids(["Output:0", "Output:1"]),
+            )
+            model.get_input_embeddings().weight[verdicts] = (
+                0  # so what follows a verdict hangs on the prompt
+            )
             # The states that pick a reply's later tokens (after a verdict), over 8 judge prompts: w is the
             # direction along which they differ most, the rows w and 2(w.m)m/|m|^2 - w split them around
             # their mean m, and every other row is zero, so each reply is verdicts that change with the prompt.
             rng = random.Random(seed)
-            h = torch.stack([r2r.forward(model, torch.tensor([r2r.encode_prompt(tok, label.judge_prompt(
-                words(tok, rng, 50), words(tok, rng, 3) + " <<w9>> ", words(tok, rng, 3) + " <<w11>> "),
-                thinking=False) + verdicts[:1]], device=model.device), last=True)[0][0, -1]
-                for _ in range(8)]).float()  # (8, H)
+            h = torch.stack(
+                [
+                    r2r.forward(
+                        model,
+                        torch.tensor(
+                            [
+                                r2r.encode_prompt(
+                                    tok,
+                                    label.judge_prompt(
+                                        words(tok, rng, 50),
+                                        words(tok, rng, 3) + " <<w9>> ",
+                                        words(tok, rng, 3) + " <<w11>> ",
+                                    ),
+                                    thinking=False,
+                                )
+                                + verdicts[:1]
+                            ],
+                            device=model.device,
+                        ),
+                        last=True,
+                    )[0][0, -1]
+                    for _ in range(8)
+                ]
+            ).float()  # (8, H)
             m = h.mean(0)
             w = torch.linalg.svd(h - m, full_matrices=False).Vh[0]
-            w = w if w @ m > 0 else -w  # both verdict logits then sum to 2 w.m > 0, above the zero rows
+            w = (
+                w if w @ m > 0 else -w
+            )  # both verdict logits then sum to 2 w.m > 0, above the zero rows
             head.zero_()  # (V, H)
             head[verdicts[0]], head[verdicts[1]] = w, 2 * (w @ m) * m / (m @ m) - w
     # What a hub model ships (Qwen3: sampling at 0.6 / top-k 20 / top-p 0.95; Qwen2.5: a
     # repetition penalty): the scripts' greedy paths must ignore all of it.
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=True,
-                                               temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.1,
-                                               no_repeat_ngram_size=3)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_k=20,
+        top_p=0.95,
+        repetition_penalty=1.1,
+        no_repeat_ngram_size=3,
+    )
     return model
 
 
@@ -119,7 +177,9 @@ def build(args):
     with open(os.path.join(args.work, "prompts.jsonl"), "w") as f:
         for _ in range(args.n_prompts):
             f.write(json.dumps({"prompt": words(tok, rng, args.prompt_len), "answer": "0"}) + "\n")
-    for seed, (role, name) in enumerate((("slm", args.slm), ("llm", args.llm), ("judge", args.judge))):
+    for seed, (role, name) in enumerate(
+        (("slm", args.slm), ("llm", args.llm), ("judge", args.judge))
+    ):
         t = time.perf_counter()
         model = random_model(name, tok, args, seed, judge=role == "judge")
         model.save_pretrained(os.path.join(args.work, role))
@@ -127,8 +187,12 @@ def build(args):
         # A qwen2 folder loads Qwen2's tokenizer class over our tokenizer.json (README, transformers 5.x notes).
         again = r2r.load_tokenizer(os.path.join(args.work, role))
         if again.decode(again.encode(text, add_special_tokens=False)) != text:
-            raise r2r.R2RError(f"{name}'s folder does not keep the synthetic tokenizer: pick a qwen3 config")
-        print(f"built {role}: {name}, {r2r.n_params(model) / 1e9:.2f}B parameters, {time.perf_counter() - t:.0f}s")
+            raise r2r.R2RError(
+                f"{name}'s folder does not keep the synthetic tokenizer: pick a qwen3 config"
+            )
+        print(
+            f"built {role}: {name}, {r2r.n_params(model) / 1e9:.2f}B parameters, {time.perf_counter() - t:.0f}s"
+        )
         del model
 
 
@@ -147,24 +211,51 @@ def timed_step(name, main, argv, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=None, help="folder for models, labels and router (default: a new temp folder); "
-                   "rerun with the same one to skip what is built")
-    p.add_argument("--steps", default="label,train,generate,evaluate", help="comma-separated steps to run")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--work",
+        default=None,
+        help="folder for models, labels and router (default: a new temp folder); "
+        "rerun with the same one to skip what is built",
+    )
+    p.add_argument(
+        "--steps", default="label,train,generate,evaluate", help="comma-separated steps to run"
+    )
     # sizes
-    p.add_argument("--slm", default="qwen3-0.6b", choices=list(bench.CONFIGS), help="published config of the SLM")
-    p.add_argument("--llm", default="qwen3-8b", choices=list(bench.CONFIGS), help="published config of the LLM")
+    p.add_argument(
+        "--slm",
+        default="qwen3-0.6b",
+        choices=list(bench.CONFIGS),
+        help="published config of the SLM",
+    )
+    p.add_argument(
+        "--llm", default="qwen3-8b", choices=list(bench.CONFIGS), help="published config of the LLM"
+    )
     untied = [k for k, c in bench.CONFIGS.items() if not c["tie_word_embeddings"]]
-    p.add_argument("--judge", default="qwen3-14b", choices=untied,
-                   help="published config of the judge, one with its own lm_head (the README's recipe: a 14B judge)")
+    p.add_argument(
+        "--judge",
+        default="qwen3-14b",
+        choices=untied,
+        help="published config of the judge, one with its own lm_head (the README's recipe: a 14B judge)",
+    )
     p.add_argument("--vocab-size", type=int, default=151643, help="tokenizer ids (Qwen3: 151,643)")
-    p.add_argument("--hidden-size", type=int, default=None, help="shrink every model to this width (tests)")
-    p.add_argument("--layers", type=int, default=None, help="shrink every model to this many layers (tests)")
+    p.add_argument(
+        "--hidden-size", type=int, default=None, help="shrink every model to this width (tests)"
+    )
+    p.add_argument(
+        "--layers", type=int, default=None, help="shrink every model to this many layers (tests)"
+    )
     p.add_argument("--router-width", type=int, default=1024, help="router MLP width (paper: 1024)")
     p.add_argument("--router-blocks", type=int, default=6, help="router blocks (paper: 6)")
     # work
-    p.add_argument("--n-prompts", type=int, default=3, help="prompts (at least 3: train_router.py splits train, "
-                   "validation and held-out prompts)")
+    p.add_argument(
+        "--n-prompts",
+        type=int,
+        default=3,
+        help="prompts (at least 3: train_router.py splits train, validation and held-out prompts)",
+    )
     p.add_argument("--prompt-len", type=int, default=200, help="words per prompt")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="response length of every step")
     p.add_argument("--judge-span", type=int, default=8, help="label.py --judge-span")
@@ -176,35 +267,92 @@ def main(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.n_prompts < 3:
-        raise r2r.R2RError("--n-prompts must be at least 3: train_router.py splits train, validation and held-out "
-                           "prompts")
+        raise r2r.R2RError(
+            "--n-prompts must be at least 3: train_router.py splits train, validation and held-out "
+            "prompts"
+        )
     args.work = args.work or tempfile.mkdtemp(prefix="r2r-rehearsal-")
     os.makedirs(args.work, exist_ok=True)
     device, w = torch.device(args.device), args.work
     build(args)
-    pair = ["--slm", f"{w}/slm", "--llm", f"{w}/llm", "--device", args.device, "--dtype", args.dtype]
+    pair = [
+        "--slm",
+        f"{w}/slm",
+        "--llm",
+        f"{w}/llm",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
     n = ["--max-new-tokens", str(args.max_new_tokens)]
     steps = {
-        "label": (label.main, pair + n + ["--verifier", f"{w}/judge", "--prompts", f"{w}/prompts.jsonl",
-                                          "--keep-unfinished", "--judge-span", str(args.judge_span),
-                                          "--batch-size", str(args.n_prompts), "--out", f"{w}/labels",
-                                          "--branch-tokens", str(args.branch_tokens),
-                                          "--judge-batch-size", str(args.judge_batch_size)]),
-        "train": (train_router.main, ["--labels", f"{w}/labels", "--out", f"{w}/router", "--device", args.device,
-                                      "--width", str(args.router_width), "--blocks", str(args.router_blocks),
-                                      "--lr", "5e-5", "--epochs", "5", "--val-fraction", "0.3",
-                                      "--test-fraction", "0.3"]),
-        "generate": (generate.main, pair + n + ["--router", f"{w}/router", "--prompts-file", f"{w}/prompts.jsonl",
-                                                "--json"]),
-        "evaluate": (evaluate.main, pair + n + ["--router", f"{w}/router", "--prompts", f"{w}/prompts.jsonl",
-                                                "--thresholds"]),
+        "label": (
+            label.main,
+            pair
+            + n
+            + [
+                "--verifier",
+                f"{w}/judge",
+                "--prompts",
+                f"{w}/prompts.jsonl",
+                "--keep-unfinished",
+                "--judge-span",
+                str(args.judge_span),
+                "--batch-size",
+                str(args.n_prompts),
+                "--out",
+                f"{w}/labels",
+                "--branch-tokens",
+                str(args.branch_tokens),
+                "--judge-batch-size",
+                str(args.judge_batch_size),
+            ],
+        ),
+        "train": (
+            train_router.main,
+            [
+                "--labels",
+                f"{w}/labels",
+                "--out",
+                f"{w}/router",
+                "--device",
+                args.device,
+                "--width",
+                str(args.router_width),
+                "--blocks",
+                str(args.router_blocks),
+                "--lr",
+                "5e-5",
+                "--epochs",
+                "5",
+                "--val-fraction",
+                "0.3",
+                "--test-fraction",
+                "0.3",
+            ],
+        ),
+        "generate": (
+            generate.main,
+            pair
+            + n
+            + ["--router", f"{w}/router", "--prompts-file", f"{w}/prompts.jsonl", "--json"],
+        ),
+        "evaluate": (
+            evaluate.main,
+            pair
+            + n
+            + ["--router", f"{w}/router", "--prompts", f"{w}/prompts.jsonl", "--thresholds"],
+        ),
     }
     wanted = args.steps.split(",")
     if set(wanted) - set(steps):
         raise r2r.R2RError(f"--steps takes {', '.join(steps)}, not {args.steps}")
     results = {name: timed_step(name, *steps[name], device) for name in steps if name in wanted}
-    print(f"\nrehearsal in {w}: {args.slm} + {args.llm}, judge {args.judge}, {args.n_prompts} prompts x "
-          f"{args.max_new_tokens} new tokens, {args.dtype} on {args.device}")
+    print(
+        f"\nrehearsal in {w}: {args.slm} + {args.llm}, judge {args.judge}, {args.n_prompts} prompts x "
+        f"{args.max_new_tokens} new tokens, {args.dtype} on {args.device}"
+    )
     for name, (seconds, gib) in results.items():
         print(f"  {name:9s} {seconds:8.1f}s  peak {gib:6.2f} GiB")
     return results

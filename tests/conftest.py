@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random SLM/LLM pairs built in memory, on the demo tokenizer.
 
 Nothing here downloads anything or writes into the working tree (tmp_path only)."""
+
 import os
 import sys
 
@@ -11,8 +12,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -20,8 +27,11 @@ torch.set_num_threads(2)
 
 from demo.build import build_tokenizer  # noqa: E402
 
-ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-         "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +44,21 @@ def tiny_model(arch, tok, layers, width, extra_vocab=0, seed=0):
     initializer_range 0.2 gives peaked logits, far from ties, so exact comparisons mean something."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
-    config = config_cls(vocab_size=len(tok) + extra_vocab, hidden_size=width, intermediate_size=2 * width,
-                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=width // 2,
-                        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-                        bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    config = config_cls(
+        vocab_size=len(tok) + extra_vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=width // 2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
     return model_cls(config).eval()
 
 
@@ -48,10 +69,13 @@ PAIRS = {"llama": ("llama", 0), "qwen2-padded": ("qwen2", 11), "qwen3": ("qwen3"
 @pytest.fixture(scope="session", params=list(PAIRS))
 def pair(request, tok):
     arch, extra = PAIRS[request.param]
-    return tiny_model(arch, tok, 1, 32, seed=1), tiny_model(arch, tok, 2, 48, extra_vocab=extra, seed=2)
+    return tiny_model(arch, tok, 1, 32, seed=1), tiny_model(
+        arch, tok, 2, 48, extra_vocab=extra, seed=2
+    )
 
 
 @pytest.fixture(scope="session")
 def demo_pair():
     import r2r
+
     return r2r.load_pair(os.path.join(ROOT, "demo", "slm"), os.path.join(ROOT, "demo", "llm"))

@@ -1,18 +1,19 @@
 """The fast engine's context buckets (fast.FastEngine, min_context): every pass attends over the smallest bucket
 that holds the live length. Against the eager engine and a full recompute, on a short ladder (16, 32, 64, ...)
 so that tiny decodes cross several buckets; what the engine allocates; bench.py's context and buffer tables."""
+
 import os
 
 import pytest
 import torch
+from conftest import PAIRS, ROOT, tiny_model
+from test_fast import ScheduleRouter
+from test_generate import PROMPT
 from transformers import Cache, Qwen3Config, Qwen3ForCausalLM
 
 import bench
 import fast
 import r2r
-from conftest import PAIRS, ROOT, tiny_model
-from test_fast import ScheduleRouter
-from test_generate import PROMPT
 
 LADDER = 16  # min_context: buckets 16, 32, 64 and the buffer (124 slots for max_tokens 120, catch-ups up to 4)
 # Routed steps: with an 11-token prompt the LLM's length after step k's catch-up is 11 + k, so these land on,
@@ -24,10 +25,21 @@ ROUTED = (0, 2, 4, 5, 6, 10, 14, 18, 21, 22, 26, 30, 34, 38, 42, 46, 50, 53, 54,
 def gqa_model(tok, layers, width, seed):
     """A tiny Qwen3 with grouped-query attention (4 heads, 2 KV heads) and a tied lm_head, as the real Qwen3s."""
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, max_position_embeddings=256,
-                         initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=None, pad_token_id=tok.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=width // 4,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
     return Qwen3ForCausalLM(config).eval()
 
 
@@ -36,7 +48,9 @@ def models(request, tok):
     if request.param == "qwen3-gqa":
         return gqa_model(tok, 1, 32, 1), gqa_model(tok, 2, 48, 2)
     arch, extra = PAIRS[request.param]
-    return tiny_model(arch, tok, 1, 32, seed=1), tiny_model(arch, tok, 2, 48, extra_vocab=extra, seed=2)
+    return tiny_model(arch, tok, 1, 32, seed=1), tiny_model(
+        arch, tok, 2, 48, extra_vocab=extra, seed=2
+    )
 
 
 def engine(slm, llm, tok, min_context=LADDER):
@@ -55,7 +69,9 @@ def test_fast_equals_eager_across_context_buckets(models, tok, mode):
     eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(ROUTED), ids, **kw)
     assert same(r2r.decode(eng, ScheduleRouter(ROUTED), ids, **kw), eager)
     assert eng.contexts == [16, 32, 64, 124]
-    used = {key[1 if key[0] == "slm" else 2] for key in eng.fns}  # the context buckets its functions attend over
+    used = {
+        key[1 if key[0] == "slm" else 2] for key in eng.fns
+    }  # the context buckets its functions attend over
     assert len(used) >= 3, "the decode must cross at least three context buckets"
 
 
@@ -65,7 +81,9 @@ def test_demo_pair_across_context_buckets(demo_pair):
     eng = engine(slm, llm, tok)
     for text in ("4837+2956", "99999+1"):
         ids = r2r.encode_prompt(tok, text)
-        eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), router, ids, max_new_tokens=100, threshold=0.3)
+        eager = r2r.decode(
+            r2r.EagerEngine(slm, llm, tok), router, ids, max_new_tokens=100, threshold=0.3
+        )
         got = r2r.decode(eng, router, ids, max_new_tokens=100, threshold=0.3)
         assert same(got, eager) and 0 < sum(got.from_llm) and got.tokens[-1] == tok.eos_token_id
         assert len({eng.bucket(len(ids) + i) for i in range(1, len(got.tokens))}) >= 3, text
@@ -77,17 +95,29 @@ def test_logits_equal_full_recompute_at_every_bucket_boundary(models, tok, monke
     slm, llm = models
     ids, eng, picks = r2r.encode_prompt(tok, PROMPT), engine(slm, llm, tok), []
     sample = r2r.sample
-    monkeypatch.setattr(r2r, "sample", lambda logits, t, p, u: picks.append((u is eng.u_llm, logits[0])) or
-                        sample(logits, t, p, u))
+    monkeypatch.setattr(
+        r2r,
+        "sample",
+        lambda logits, t, p, u: (
+            picks.append((u is eng.u_llm, logits[0])) or sample(logits, t, p, u)
+        ),
+    )
     trace = r2r.decode(eng, ScheduleRouter(ROUTED), ids, max_new_tokens=60, eos=set())
     V, n = len(tok), len(ids)
-    for model, is_llm, steps in ((slm, False, range(60)), (llm, True, [i for i, f in enumerate(trace.from_llm) if f])):
+    for model, is_llm, steps in (
+        (slm, False, range(60)),
+        (llm, True, [i for i, f in enumerate(trace.from_llm) if f]),
+    ):
         with torch.no_grad():
-            full = model(torch.tensor([ids + trace.tokens])).logits[0, :, :V]  # (T, V): position t predicts t + 1
+            full = model(torch.tensor([ids + trace.tokens])).logits[
+                0, :, :V
+            ]  # (T, V): position t predicts t + 1
         got = [logits for llm_pick, logits in picks if llm_pick == is_llm]
         assert len(got) == len(steps)
         assert max(float((g - full[n - 1 + i]).abs().max()) for g, i in zip(got, steps)) < 1e-4
-    lengths = [n + i for i, f in enumerate(trace.from_llm) if f]  # the LLM's live length after each catch-up
+    lengths = [
+        n + i for i, f in enumerate(trace.from_llm) if f
+    ]  # the LLM's live length after each catch-up
     assert {eng.bucket(m) for m in lengths} >= {16, 32, 64, 124}
 
 
@@ -102,7 +132,9 @@ def test_prompt_that_starts_in_a_high_bucket(models, tok):
         built = dict(eng.fns)
         eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(ROUTED), ids, **kw)
         assert same(r2r.decode(eng, ScheduleRouter(ROUTED), ids, **kw), eager)
-        assert all(eng.fns[key] is fn for key, fn in built.items()), "functions are built once per engine"
+        assert all(eng.fns[key] is fn for key, fn in built.items()), (
+            "functions are built once per engine"
+        )
         if ids is long:
             assert len(long) == 41 and min(key[1] for key in eng.fns if key[0] == "slm") == 64
     assert min(key[1] for key in eng.fns if key[0] == "slm") == 16
@@ -116,14 +148,21 @@ def test_captured_functions_keep_no_autograd_and_no_cache_copies(tok, monkeypatc
     r2r.decode(eng, router, r2r.encode_prompt(tok, PROMPT), max_new_tokens=30, eos=set())
     for mode in ("r2r", "slm", "llm"):
         eng.prepare(router, mode=mode)
-    assert len(eng.fns) == 2 * 4 + len(eng.buckets) * 4  # SLM (routed or not) and each catch-up, at each bucket
+    assert (
+        len(eng.fns) == 2 * 4 + len(eng.buckets) * 4
+    )  # SLM (routed or not) and each catch-up, at each bucket
     layers = eng.slm_cache.layers + eng.llm_cache.layers
-    buffers = {t.untyped_storage().data_ptr() for layer in layers for t in (layer.keys, layer.values)}
+    buffers = {
+        t.untyped_storage().data_ptr() for layer in layers for t in (layer.keys, layer.values)
+    }
     reads = []
 
     def sdpa(module, query, key, value, *args, **kw):
-        reads.append((key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr(), key.shape[2]))
+        reads.append(
+            (key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr(), key.shape[2])
+        )
         return sdpa_forward(module, query, key, value, *args, **kw)
+
     sdpa_forward = fast.sdpa_attention_forward
     monkeypatch.setattr(fast, "sdpa_attention_forward", sdpa)
     for key, captured in eng.fns.items():
@@ -133,35 +172,52 @@ def test_captured_functions_keep_no_autograd_and_no_cache_copies(tok, monkeypatc
             out = captured.fn()
         assert not out.requires_grad and out.grad_fn is None, key
         context = key[1 if key[0] == "slm" else 2]
-        assert reads and all(k in buffers and v in buffers and width == context for k, v, width in reads), key
+        assert reads and all(
+            k in buffers and v in buffers and width == context for k, v, width in reads
+        ), key
         reads.clear()
         for layer, n in zip(layers, lengths):
             layer.cumulative_length.copy_(n)
-    assert {t.untyped_storage().data_ptr() for layer in layers for t in (layer.keys, layer.values)} == buffers
+    assert {
+        t.untyped_storage().data_ptr() for layer in layers for t in (layer.keys, layer.values)
+    } == buffers
     assert [v for v in vars(eng).values() if isinstance(v, Cache)] == [eng.slm_cache, eng.llm_cache]
 
 
 def test_cache_bytes_are_what_the_engine_allocates(models, tok, capsys):
     slm, llm = models
     eng = engine(slm, llm, tok)
-    assert "fast engine: static caches of 124 tokens" in capsys.readouterr().err  # the plan, printed at start
+    assert (
+        "fast engine: static caches of 124 tokens" in capsys.readouterr().err
+    )  # the plan, printed at start
     r2r.decode(eng, None, r2r.encode_prompt(tok, PROMPT), max_new_tokens=5, mode="llm", eos=set())
     r2r.decode(eng, None, r2r.encode_prompt(tok, PROMPT), max_new_tokens=5, mode="slm", eos=set())
     for model, cache in ((slm, eng.slm_cache), (llm, eng.llm_cache)):
-        assert sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) == fast.cache_bytes(model, 124)
+        assert sum(
+            layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
+        ) == fast.cache_bytes(model, 124)
 
 
 def test_one_bucket_is_the_whole_buffer(models, tok):
     """min_context past the buffer: one bucket, every slot read, as before context buckets; the same tokens."""
     slm, llm = models
     ids, eng = r2r.encode_prompt(tok, PROMPT), engine(slm, llm, tok, min_context=1000)
-    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(ROUTED), ids, max_new_tokens=30, eos=set())
-    assert eng.contexts == [124] and same(r2r.decode(eng, ScheduleRouter(ROUTED), ids, max_new_tokens=30, eos=set()),
-                                          eager)
+    eager = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok), ScheduleRouter(ROUTED), ids, max_new_tokens=30, eos=set()
+    )
+    assert eng.contexts == [124] and same(
+        r2r.decode(eng, ScheduleRouter(ROUTED), ids, max_new_tokens=30, eos=set()), eager
+    )
 
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=128)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+)
 
 
 def tiny_pair(monkeypatch):
@@ -171,22 +227,66 @@ def tiny_pair(monkeypatch):
 
 def test_bench_context_and_buffer_tables(monkeypatch, capsys):
     tiny_pair(monkeypatch)
-    bench.main(["--pair", "qwen3-0.6b+1.7b", "--n-prompts", "1", "--max-new-tokens", "6", "--prompt-len", "8",
-                "--repeats", "2", "--contexts", "20", "300", "--buffers", "64", "600"])
+    bench.main(
+        [
+            "--pair",
+            "qwen3-0.6b+1.7b",
+            "--n-prompts",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--prompt-len",
+            "8",
+            "--repeats",
+            "2",
+            "--contexts",
+            "20",
+            "300",
+            "--buffers",
+            "64",
+            "600",
+        ]
+    )
     out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| eager | ", "| fast | "))]
+    rows = [
+        line.split(" | ")
+        for line in out.splitlines()
+        if line.startswith(("| eager | ", "| fast | "))
+    ]
     steps = [r for r in rows if r[1] in ("20", "300")]
     assert len(steps) == 4 and all(len(r) == 5 and all("(" in x for x in r[2:]) for r in steps)
-    assert sum(r[1] == "slope, ms per 1K tokens" for r in rows) == 2 and "| floor | KV bytes of 1K tokens" in out
-    assert "| 64 | 256 320 |" not in out and "| 64 | 128 |" in out  # a 64-token buffer: one bucket of 128 slots
+    assert (
+        sum(r[1] == "slope, ms per 1K tokens" for r in rows) == 2
+        and "| floor | KV bytes of 1K tokens" in out
+    )
+    assert (
+        "| 64 | 256 320 |" not in out and "| 64 | 128 |" in out
+    )  # a 64-token buffer: one bucket of 128 slots
     assert "| 600 | 256 512 664 |" in out and "buffer 600 over 64: " in out
-    assert "fast vs eager, r2r: 100.0% identical, first difference at token none" in out and "nan" not in out
+    assert (
+        "fast vs eager, r2r: 100.0% identical, first difference at token none" in out
+        and "nan" not in out
+    )
 
 
 def test_bench_fast_only_prints_dashes_not_nan(monkeypatch, capsys):
     tiny_pair(monkeypatch)
-    bench.main(["--pair", "qwen3-0.6b+1.7b", "--n-prompts", "1", "--max-new-tokens", "4", "--prompt-len", "8",
-                "--repeats", "1", "--engines", "fast"])
+    bench.main(
+        [
+            "--pair",
+            "qwen3-0.6b+1.7b",
+            "--n-prompts",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--prompt-len",
+            "8",
+            "--repeats",
+            "1",
+            "--engines",
+            "fast",
+        ]
+    )
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| fast | r2r |")).split(" | ")
     assert row[6] == "-" and "nan" not in out

@@ -1,14 +1,15 @@
 """The demo task: its generator, the answer rule, and the shipped pair."""
+
 import os
 import random
 
 import pytest
+from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
 import label
 import r2r
-from conftest import ROOT
 from demo.build import make_problem, solve
 
 
@@ -26,14 +27,27 @@ def test_scratchpad_worked_example():
     rng = random.Random(0)
     texts = {solve("12+9", rng) for _ in range(200)}
     assert "2 + 9 + 0 = 1 1 , write 1 carry 1 ; 1 + 0 + 1 = 2 , write 2 carry 0 ; so 2 1" in texts
-    assert "9 + 2 + 0 = 1 1 , put 1 c 1 ; 0 + 1 + 1 = 2 , put 2 c 0 ; thus 2 1" in texts  # the neutral choices
+    assert (
+        "9 + 2 + 0 = 1 1 , put 1 c 1 ; 0 + 1 + 1 = 2 , put 2 c 0 ; thus 2 1" in texts
+    )  # the neutral choices
     assert len(texts) == 16  # operand order x write/put x carry/c x so/thus
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("... so 7 7 9 3", "7793"), ("... thus 1 2", "12"), ("so 42.", "42"), ("The answer is \\boxed{17}.", "17"),
-    ("answer: 1,234", "1234"), ("", None), ("7 + 6 + 0 = 1 3 , write 3", None), ("so", None),
-    ("so 7 7 carry", None), ("garbage ###", None)])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("... so 7 7 9 3", "7793"),
+        ("... thus 1 2", "12"),
+        ("so 42.", "42"),
+        ("The answer is \\boxed{17}.", "17"),
+        ("answer: 1,234", "1234"),
+        ("", None),
+        ("7 + 6 + 0 = 1 3 , write 3", None),
+        ("so", None),
+        ("so 7 7 carry", None),
+        ("garbage ###", None),
+    ],
+)
 def test_answer_rule(text, answer):
     assert evaluate.extract_answer(text) == answer
 
@@ -50,7 +64,16 @@ def test_shipped_models_load_offline_and_reach_their_accuracy():
     acc = {}
     for name in ("slm", "llm"):
         folder = os.path.join(ROOT, "demo", name)
-        model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        model, tok = (
+            AutoModelForCausalLM.from_pretrained(folder),
+            AutoTokenizer.from_pretrained(folder),
+        )
         out = label.greedy_batch(model, tok, [p["prompt"] for p in problems], max_new_tokens=80)
-        acc[name] = sum(evaluate.extract_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"] for (_, r, _), p in zip(out, problems)) / 100
+        acc[name] = (
+            sum(
+                evaluate.extract_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"]
+                for (_, r, _), p in zip(out, problems)
+            )
+            / 100
+        )
     assert acc["llm"] >= 0.93 and 0.4 <= acc["slm"] <= 0.85, acc

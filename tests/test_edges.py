@@ -3,6 +3,7 @@ tokenizer's EOS, nothing to label, no pad and no EOS, characters split between t
 tokenizers that differ beyond the vocabulary, resumes after an edit, the router's identity in any dtype and without
 a local path, stdout that a program can read, messages that point to real flags, checks before any model loads, and
 honest tables (catch-up, plot, log file)."""
+
 import json
 import os
 import random
@@ -11,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_model
+from test_label import LLM_NEXT, PLANTED, RESPONSE, SLM_NEXT, bigram_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -19,9 +22,7 @@ import generate
 import label
 import r2r
 import train_router
-from conftest import ROOT, tiny_model
 from demo.build import build_tokenizer
-from test_label import LLM_NEXT, PLANTED, RESPONSE, SLM_NEXT, bigram_model
 
 PROMPTS = ["1+2", "30+4", "5+6"]  # three lengths: batches are padded
 
@@ -48,12 +49,21 @@ def planted(tmp_path_factory, tok):
     """test_label's exact bigram pair (mismatches at 0 and 7 neutral, at 8 divergent; the LLM writes </s> 10th),
     saved with configs that name no EOS (only the tokenizer knows it), and a router for its SLM (any weights)."""
     root = tmp_path_factory.mktemp("planted")
-    folders = {name: save(without_eos(bigram_model(tok, table)), tok, root / name)
-               for name, table in (("slm", SLM_NEXT), ("llm", LLM_NEXT))}
+    folders = {
+        name: save(without_eos(bigram_model(tok, table)), tok, root / name)
+        for name, table in (("slm", SLM_NEXT), ("llm", LLM_NEXT))
+    }
     slm = r2r.load_model(folders["slm"])
-    router = r2r.Router(slm.config.hidden_size, top_k=8, width=8, n_blocks=1, slm=r2r.fingerprint(slm, tok))
+    router = r2r.Router(
+        slm.config.hidden_size, top_k=8, width=8, n_blocks=1, slm=r2r.fingerprint(slm, tok)
+    )
     train_router.save_router(router, str(root / "router"))
-    return dict(folders, prompts=write_prompts(root / "prompts.jsonl", PROMPTS), root=root, router=str(root / "router"))
+    return dict(
+        folders,
+        prompts=write_prompts(root / "prompts.jsonl", PROMPTS),
+        root=root,
+        router=str(root / "router"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +98,25 @@ def run_cli(main, argv):
 @pytest.fixture
 def no_models(monkeypatch):
     """Any model or tokenizer load fails the test: the fault must be found before."""
+
     def loaded(*a, **kw):
         raise AssertionError(f"loaded {a[1:]} before checking the input")
+
     monkeypatch.setattr(r2r, "from_pretrained", loaded)
 
 
 def json_lines(text):
     return [json.loads(line) for line in text.splitlines()]
 
+
 # ----------------------------------------------------------------------------- 1. stopping
 
 
 def test_stop_set_is_the_tokenizers_eos_and_every_configs(tok):
-    slm, llm = without_eos(tiny_model("llama", tok, 1, 32)), without_eos(tiny_model("llama", tok, 1, 32))
+    slm, llm = (
+        without_eos(tiny_model("llama", tok, 1, 32)),
+        without_eos(tiny_model("llama", tok, 1, 32)),
+    )
     assert r2r.EagerEngine(slm, llm, tok).eos == {tok.eos_token_id}
     llm.generation_config.eos_token_id = [5, 7]
     assert r2r.EagerEngine(slm, llm, tok).eos == {tok.eos_token_id, 5, 7}
@@ -109,12 +125,32 @@ def test_stop_set_is_the_tokenizers_eos_and_every_configs(tok):
 def test_decoding_and_labeling_stop_at_the_tokenizers_eos(planted, planted_labels, tok, capsys):
     llm_says, slm_says = walk(LLM_NEXT), walk(SLM_NEXT)
     assert llm_says == RESPONSE and len(slm_says) == 10
-    for mode, says in (("slm", slm_says), ("llm", llm_says), ("r2r", llm_says)):  # r2r at threshold 0: all LLM
-        argv = ["--slm", planted["slm"], "--llm", planted["llm"], "--mode", mode, "--prompts-file", planted["prompts"],
-                "--max-new-tokens", "40", "--batch-size", "2", "--json"]
-        generate.main(argv + (["--router", planted["router"], "--threshold", "0"] if mode == "r2r" else []))
+    for mode, says in (
+        ("slm", slm_says),
+        ("llm", llm_says),
+        ("r2r", llm_says),
+    ):  # r2r at threshold 0: all LLM
+        argv = [
+            "--slm",
+            planted["slm"],
+            "--llm",
+            planted["llm"],
+            "--mode",
+            mode,
+            "--prompts-file",
+            planted["prompts"],
+            "--max-new-tokens",
+            "40",
+            "--batch-size",
+            "2",
+            "--json",
+        ]
+        generate.main(
+            argv + (["--router", planted["router"], "--threshold", "0"] if mode == "r2r" else [])
+        )
         assert [r["token_ids"] for r in json_lines(capsys.readouterr().out)] == [
-            tok.convert_tokens_to_ids(says)] * 3, mode  # cut at </s>, not at 40 tokens
+            tok.convert_tokens_to_ids(says)
+        ] * 3, mode  # cut at </s>, not at 40 tokens
     # label.py keeps only finished responses: all three stopped at </s>, so all are labeled, as planted.
     ds = label.load_labels(planted_labels)[1]
     for pid in range(3):
@@ -126,9 +162,12 @@ def test_decoding_and_labeling_stop_at_the_tokenizers_eos(planted, planted_label
 
 
 def test_nothing_to_label_is_one_error_line(planted, tmp_path):
-    message = run_cli(label.main, pair_args(planted) + ["--max-new-tokens", "1", "--out", str(tmp_path / "l")])
+    message = run_cli(
+        label.main, pair_args(planted) + ["--max-new-tokens", "1", "--out", str(tmp_path / "l")]
+    )
     assert "no position labeled" in message and "unfinished responses 3" in message
     assert "--keep-unfinished" in message
+
 
 # ----------------------------------------------------------------------------- 3. no pad and no EOS
 
@@ -136,36 +175,70 @@ def test_nothing_to_label_is_one_error_line(planted, tmp_path):
 def test_no_pad_and_no_eos_labels_and_decodes(tmp_path, capsys):
     bare = build_tokenizer()
     bare.pad_token = bare.eos_token = None
-    folders = {name: save(bigram_model(bare, table), bare, tmp_path / name)
-               for name, table in (("slm", SLM_NEXT), ("llm", LLM_NEXT))}
+    folders = {
+        name: save(bigram_model(bare, table), bare, tmp_path / name)
+        for name, table in (("slm", SLM_NEXT), ("llm", LLM_NEXT))
+    }
     reloaded = r2r.load_tokenizer(folders["slm"])
     assert reloaded.pad_token_id is None and reloaded.eos_token_id is None
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     argv = ["--slm", folders["slm"], "--llm", folders["llm"]]
-    label.main(argv + ["--prompts", prompts, "--max-new-tokens", "10", "--keep-unfinished", "--out",
-                       str(tmp_path / "labels")])
+    label.main(
+        argv
+        + [
+            "--prompts",
+            prompts,
+            "--max-new-tokens",
+            "10",
+            "--keep-unfinished",
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     ds = label.load_labels(str(tmp_path / "labels"))[1]
     # Nothing stops, so no branch reaches an answer: every mismatch is dropped; every other position is labeled.
     assert "verifier drops 9" in capsys.readouterr().out
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
         assert [r["position"] for r in rows] == [j for j in range(10) if j not in PLANTED]
-        assert [r["llm_token"] for r in rows] == [bare.convert_tokens_to_ids(RESPONSE[j]) for j in range(10)
-                                                  if j not in PLANTED]
+        assert [r["llm_token"] for r in rows] == [
+            bare.convert_tokens_to_ids(RESPONSE[j]) for j in range(10) if j not in PLANTED
+        ]
         assert {r["kind"] for r in rows} == {"identical"}
-    generate.main(argv + ["--mode", "llm", "--prompts-file", prompts, "--max-new-tokens", "10", "--batch-size", "3",
-                          "--json"])
+    generate.main(
+        argv
+        + [
+            "--mode",
+            "llm",
+            "--prompts-file",
+            prompts,
+            "--max-new-tokens",
+            "10",
+            "--batch-size",
+            "3",
+            "--json",
+        ]
+    )
     assert [r["token_ids"] for r in json_lines(capsys.readouterr().out)] == [
-        bare.convert_tokens_to_ids(RESPONSE)] * 3  # runs its full length: no stop id
+        bare.convert_tokens_to_ids(RESPONSE)
+    ] * 3  # runs its full length: no stop id
+
 
 # ----------------------------------------------------------------------------- 4. characters split between writers
 
 
 def byte_tokenizer():
     """One token per UTF-8 byte (byte-level BPE without merges): a multi-byte character is several tokens."""
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                              merges=[]))
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk = Tokenizer(
+        models.BPE(
+            vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+            merges=[],
+        )
+    )
+    tk.pre_tokenizer, tk.decoder = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoders.ByteLevel(),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tk)
 
 
@@ -184,12 +257,17 @@ def test_prefixes_equal_a_full_decode(which, tok):
     t = {"demo": tok, "bytes": byte_tokenizer(), "metaspace": metaspace_tokenizer()}[which]
     rng = random.Random(0)
     for _ in range(20):
-        tokens = ([rng.randrange(len(t)) for _ in range(60)] if which != "bytes" else
-                  list(t.encode("".join(rng.choice("ab \u00e9\u4e2d\U0001f600") for _ in range(30)))))
+        tokens = (
+            [rng.randrange(len(t)) for _ in range(60)]
+            if which != "bytes"
+            else list(t.encode("".join(rng.choice("ab \u00e9\u4e2d\U0001f600") for _ in range(30))))
+        )
         prefix, end = generate.Prefixes(t), 0
         while end < len(tokens):
             end = max(0, end - 3) if rng.random() < 0.1 else end + rng.randint(1, 3)
-            assert prefix(tokens, min(end, len(tokens))) == t.decode(tokens[:end], skip_special_tokens=True)
+            assert prefix(tokens, min(end, len(tokens))) == t.decode(
+                tokens[:end], skip_special_tokens=True
+            )
 
 
 class Terminal:
@@ -222,7 +300,9 @@ def test_split_characters_stay_whole_and_stream_equals_render(seed):
     ids = tok.encode(text)
     assert len(ids) == len(text.encode()) and tok.decode(ids) == text
     g = random.Random(seed)
-    writers = [i % 2 for i in range(len(ids))] if seed == 0 else [int(g.random() < 0.4) for _ in ids]
+    writers = (
+        [i % 2 for i in range(len(ids))] if seed == 0 else [int(g.random() < 0.4) for _ in ids]
+    )
     trace = r2r.Trace(tokens=ids, from_llm=writers)
     plain = generate.render(tok, trace, colour=False)
     assert "\ufffd" not in plain and plain.replace("[[", "").replace("]]", "") == text
@@ -236,6 +316,7 @@ def test_a_response_cut_inside_a_character_shows_the_cut_alike():
     assert generate.render(tok, trace, colour=False) == "ok [[\ufffd]]"
     assert streamed(tok, trace) == generate.render(tok, trace, colour=True)
 
+
 # ----------------------------------------------------------------------------- 5. the models' positions
 
 
@@ -243,8 +324,10 @@ def test_a_response_cut_inside_a_character_shows_the_cut_alike():
 def random_pair(tmp_path_factory, tok):
     """A tiny random pair with 256 positions and no EOS: every decode runs until it is stopped."""
     root = tmp_path_factory.mktemp("random")
-    return {name: save(tiny_model("llama", tok, 1, 32, seed=seed), tok, root / name)
-            for name, seed in (("slm", 1), ("llm", 2))}
+    return {
+        name: save(tiny_model("llama", tok, 1, 32, seed=seed), tok, root / name)
+        for name, seed in (("slm", 1), ("llm", 2))
+    }
 
 
 def long_prompt(n_tokens):
@@ -252,7 +335,9 @@ def long_prompt(n_tokens):
     return "1" * (n_tokens - 2)
 
 
-def test_prompt_past_the_positions_is_refused_before_decoding(random_pair, tok, tmp_path, monkeypatch):
+def test_prompt_past_the_positions_is_refused_before_decoding(
+    random_pair, tok, tmp_path, monkeypatch
+):
     prompt = long_prompt(304)
     assert len(r2r.encode_prompt(tok, prompt)) == 304
 
@@ -262,33 +347,74 @@ def test_prompt_past_the_positions_is_refused_before_decoding(random_pair, tok, 
     monkeypatch.setattr(r2r, "decode", no_decoding)
     monkeypatch.setattr(r2r, "decode_batch", no_decoding)
     argv = ["--slm", random_pair["slm"], "--llm", random_pair["llm"], "--mode", "slm"]
-    assert "304 tokens leaves no room in the models' 256 positions" in run_cli(generate.main, argv + ["--prompt",
-                                                                                                      prompt])
+    assert "304 tokens leaves no room in the models' 256 positions" in run_cli(
+        generate.main, argv + ["--prompt", prompt]
+    )
     prompts = write_prompts(tmp_path / "p.jsonl", ["1+2", prompt])
     monkeypatch.setattr(label, "label_chunk", no_decoding)
     assert "rows 2 leave no room in the models' 256 positions" in run_cli(
-        label.main, argv[:4] + ["--prompts", prompts, "--out", str(tmp_path / "l")])
+        label.main, argv[:4] + ["--prompts", prompts, "--out", str(tmp_path / "l")]
+    )
     assert not os.path.exists(tmp_path / "l")
-    assert "304 tokens leaves no room" in run_cli(evaluate.main, ["--prompts", prompts, "--limit", "2"])
+    assert "304 tokens leaves no room" in run_cli(
+        evaluate.main, ["--prompts", prompts, "--limit", "2"]
+    )
 
 
 def test_response_stops_at_the_last_position_and_says_so_once(random_pair, tok, capsys):
     prompt = long_prompt(250)
-    generate.main(["--slm", random_pair["slm"], "--llm", random_pair["llm"], "--mode", "slm", "--prompt", prompt,
-                   "--prompt", prompt, "--max-new-tokens", "20", "--json"])
+    generate.main(
+        [
+            "--slm",
+            random_pair["slm"],
+            "--llm",
+            random_pair["llm"],
+            "--mode",
+            "slm",
+            "--prompt",
+            prompt,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert [len(r["token_ids"]) for r in json_lines(out)] == [6, 6]  # 256 - 250
     assert err.count("note: responses stop at the models' 256 positions") == 1
-    generate.main(["--slm", random_pair["slm"], "--llm", random_pair["llm"], "--mode", "slm", "--prompt", "1+2",
-                   "--max-new-tokens", "20", "--json"])
+    generate.main(
+        [
+            "--slm",
+            random_pair["slm"],
+            "--llm",
+            random_pair["llm"],
+            "--mode",
+            "slm",
+            "--prompt",
+            "1+2",
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ]
+    )
     assert "note: responses stop" not in capsys.readouterr().err
 
 
 def gpt2(tok, seed, n_positions=40):
     """A tiny GPT-2: learned position embeddings, so a position past n_positions raises an IndexError."""
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=16, n_layer=1, n_head=2,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=None)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=n_positions,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=None,
+        )
+    ).eval()
 
 
 def test_learned_position_embeddings_stop_instead_of_crashing(tok, tmp_path, capsys):
@@ -298,23 +424,41 @@ def test_learned_position_embeddings_stop_instead_of_crashing(tok, tmp_path, cap
     ids = list(range(4, 14)) * 3 + [4, 5, 6, 7]  # 34 tokens
     trace = r2r.decode(engine, None, ids, max_new_tokens=20, mode="llm", eos=set())
     assert len(trace.tokens) == 6
-    batch = r2r.decode_batch(engine, None, [ids, ids[:20]], max_new_tokens=30, mode="slm", eos=set())
+    batch = r2r.decode_batch(
+        engine, None, [ids, ids[:20]], max_new_tokens=30, mode="slm", eos=set()
+    )
     assert [len(t.tokens) for t in batch.traces] == [6, 20]
     # label.py: responses and the branches continued from their mismatches all stop at the 40th position.
     bare = build_tokenizer()
     bare.eos_token = None  # nothing stops before the positions end
-    argv = [f"--{name}={save(gpt2(bare, seed), bare, tmp_path / name)}" for name, seed in (("slm", 1), ("llm", 2))]
-    label.main(argv + ["--prompts", write_prompts(tmp_path / "p.jsonl", PROMPTS), "--max-new-tokens", "60",
-                       "--keep-unfinished", "--out", str(tmp_path / "labels")])
+    argv = [
+        f"--{name}={save(gpt2(bare, seed), bare, tmp_path / name)}"
+        for name, seed in (("slm", 1), ("llm", 2))
+    ]
+    label.main(
+        argv
+        + [
+            "--prompts",
+            write_prompts(tmp_path / "p.jsonl", PROMPTS),
+            "--max-new-tokens",
+            "60",
+            "--keep-unfinished",
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     drops = int(capsys.readouterr().out.split("verifier drops ")[1].split()[0])
     positions = sum(40 - len(r2r.encode_prompt(bare, p)) for p in PROMPTS)
     assert len(label.load_labels(str(tmp_path / "labels"))[1]) + drops == positions and drops > 0
 
 
 def test_quick_start_default_length_keeps_working_on_the_demo_pair(capsys):
-    generate.main(["--mode", "slm", "--prompt", "4837+2956"])  # --max-new-tokens 256 = the models' positions
+    generate.main(
+        ["--mode", "slm", "--prompt", "4837+2956"]
+    )  # --max-new-tokens 256 = the models' positions
     out, err = capsys.readouterr()
     assert out.splitlines()[-1].startswith("-- ") and "note: responses stop" not in err
+
 
 # ----------------------------------------------------------------------------- 6. tokenizers beyond the vocabulary
 
@@ -330,8 +474,10 @@ class NoModel:
 def test_a_differing_chat_template_is_refused_and_an_eos_named(tmp_path, monkeypatch, capsys):
     demo = os.path.join(ROOT, "demo", "slm")
     monkeypatch.setattr(r2r, "AutoModelForCausalLM", NoModel)
-    for what, key, value in (("chat templates", "chat_template", "{{ messages[0]['content'] }}"),
-                             ("bos tokens", "bos_token", "<unk>")):
+    for what, key, value in (
+        ("chat templates", "chat_template", "{{ messages[0]['content'] }}"),
+        ("bos tokens", "bos_token", "<unk>"),
+    ):
         other = build_tokenizer()
         setattr(other, key, value)
         other.save_pretrained(tmp_path / key)
@@ -341,7 +487,9 @@ def test_a_differing_chat_template_is_refused_and_an_eos_named(tmp_path, monkeyp
     other = build_tokenizer()
     other.eos_token = "<pad>"
     save(tiny_model("llama", other, 1, 32), other, tmp_path / "eos")
-    r2r.load_pair(demo, str(tmp_path / "eos"))  # the prompt's ids are the same: a warning, not an error
+    r2r.load_pair(
+        demo, str(tmp_path / "eos")
+    )  # the prompt's ids are the same: a warning, not an error
     assert "warning: the eos tokens of" in capsys.readouterr().err
 
 
@@ -355,11 +503,18 @@ def test_an_edited_row_is_relabeled_on_resume(tmp_path, monkeypatch, capsys):
     args = ["--prompts", str(path), "--batch-size", "2"]
     label.main(args + ["--out", str(tmp_path / "resumed")])
     real, chunks = label.label_chunk, []
-    monkeypatch.setattr(label, "label_chunk", lambda slm, llm, tok, chunk, *a, **kw: chunks.append(
-        [r["prompt"] for r in chunk]) or real(slm, llm, tok, chunk, *a, **kw))
+    monkeypatch.setattr(
+        label,
+        "label_chunk",
+        lambda slm, llm, tok, chunk, *a, **kw: (
+            chunks.append([r["prompt"] for r in chunk]) or real(slm, llm, tok, chunk, *a, **kw)
+        ),
+    )
     label.main(args + ["--out", str(tmp_path / "resumed")])
     assert chunks == []  # nothing changed: nothing relabeled
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:5] + rows[3:4]))  # row 3 edited
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:5] + rows[3:4])
+    )  # row 3 edited
     capsys.readouterr()
     label.main(args + ["--out", str(tmp_path / "resumed")])
     assert chunks == [[rows[4]["prompt"], rows[3]["prompt"]]]  # only the edited row's chunk
@@ -367,7 +522,11 @@ def test_an_edited_row_is_relabeled_on_resume(tmp_path, monkeypatch, capsys):
     label.main(args + ["--out", str(tmp_path / "fresh")])
     fresh, resumed = (label.load_labels(str(tmp_path / name))[1] for name in ("fresh", "resumed"))
     assert set(fresh["prompt_id"]) == {0, 1, 2, 3}
-    assert resumed.to_dict() == fresh.to_dict() and len(os.listdir(tmp_path / "resumed" / "shards")) == 2
+    assert (
+        resumed.to_dict() == fresh.to_dict()
+        and len(os.listdir(tmp_path / "resumed" / "shards")) == 2
+    )
+
 
 # ----------------------------------------------------------------------------- 8.-9. the router's identity
 
@@ -377,7 +536,9 @@ def test_router_matches_its_slm_in_every_dtype(tmp_path, tok, capsys):
     with torch.no_grad():  # values fp16 rounds to zero: a sign test must not flip on them
         slm.model.embed_tokens.weight[0, :4] = torch.tensor([1e-9, -1e-9, 3e-8, -3e-8])
     folder = save(slm, tok, tmp_path / "slm")
-    router = r2r.Router(32, top_k=8, width=8, n_blocks=1, slm=r2r.fingerprint(r2r.load_model(folder), tok))
+    router = r2r.Router(
+        32, top_k=8, width=8, n_blocks=1, slm=r2r.fingerprint(r2r.load_model(folder), tok)
+    )
     train_router.save_router(router, str(tmp_path / "router"))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         r2r.load_router(str(tmp_path / "router"), r2r.load_model(folder, dtype=dtype), tok)
@@ -388,44 +549,113 @@ def test_router_matches_its_slm_in_every_dtype(tmp_path, tok, capsys):
 
 
 def test_a_trained_router_records_no_local_path(planted, planted_labels, tmp_path):
-    train_router.main(["--labels", planted_labels, "--out", str(tmp_path / "router"), "--epochs", "2",
-                       "--width", "8", "--blocks", "1", "--val-fraction", "0.34", "--test-fraction", "0.34"])
-    files = {name: open(tmp_path / "router" / name, errors="replace").read() for name in ("config.json", "README.md")}
+    train_router.main(
+        [
+            "--labels",
+            planted_labels,
+            "--out",
+            str(tmp_path / "router"),
+            "--epochs",
+            "2",
+            "--width",
+            "8",
+            "--blocks",
+            "1",
+            "--val-fraction",
+            "0.34",
+            "--test-fraction",
+            "0.34",
+        ]
+    )
+    files = {
+        name: open(tmp_path / "router" / name, errors="replace").read()
+        for name in ("config.json", "README.md")
+    }
     for text in files.values():
-        assert str(planted["root"]) not in text and str(tmp_path) not in text and os.path.expanduser("~") not in text
+        assert (
+            str(planted["root"]) not in text
+            and str(tmp_path) not in text
+            and os.path.expanduser("~") not in text
+        )
     assert json.loads(files["config.json"])["slm"]["name"] == "slm"
     with open(os.path.join(ROOT, "demo", "router", "config.json")) as f:
         shipped = json.load(f)
     assert shipped["slm"]["name"] == "slm" and "/" not in json.dumps(shipped["slm"])
 
+
 # ----------------------------------------------------------------------------- 10. output a program can read
 
 
 def test_json_stdout_is_json_lines_only():
-    done = subprocess.run([sys.executable, "generate.py", "--json", "--prompt", "4837+2956", "--prompt", "hello",
-                           "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            "--json",
+            "--prompt",
+            "4837+2956",
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert done.returncode == 0, done.stderr
     assert [r["prompt"] for r in json_lines(done.stdout)] == ["4837+2956", "hello"]
-    assert "device" in done.stderr and "engine" in done.stderr and "note: the demo pair" in done.stderr
+    assert (
+        "device" in done.stderr and "engine" in done.stderr and "note: the demo pair" in done.stderr
+    )
 
 
 def test_evaluate_stdout_is_the_table_only(tmp_path, capsys):
-    evaluate.main(["--limit", "2", "--thresholds", "0.5", "--max-new-tokens", "8", "--out", str(tmp_path / "r.csv")])
+    evaluate.main(
+        [
+            "--limit",
+            "2",
+            "--thresholds",
+            "0.5",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(tmp_path / "r.csv"),
+        ]
+    )
     out, err = capsys.readouterr()
     lines = [line for line in out.splitlines() if line]
-    assert lines[0].startswith("2 problems from") and all(line.startswith("|") for line in lines[1:])
+    assert lines[0].startswith("2 problems from") and all(
+        line.startswith("|") for line in lines[1:]
+    )
     assert "wrote" in err and "SLM only     threshold" in err
+
 
 # ----------------------------------------------------------------------------- 11.-12. messages and early checks
 
 
 def test_prompt_field_and_split_apply_to_prompts_file(tmp_path, capsys):
     path = tmp_path / "q.jsonl"
-    path.write_text('{"q": "4837+2956"}\n\n{"q": "12+345"}\n')  # a blank line is skipped, as in a .txt
+    path.write_text(
+        '{"q": "4837+2956"}\n\n{"q": "12+345"}\n'
+    )  # a blank line is skipped, as in a .txt
     assert "set --prompt-field" in run_cli(generate.main, ["--prompts-file", str(path)])
-    generate.main(["--prompts-file", str(path), "--prompt-field", "q", "--split", "test", "--mode", "slm",
-                   "--max-new-tokens", "2", "--json"])
+    generate.main(
+        [
+            "--prompts-file",
+            str(path),
+            "--prompt-field",
+            "q",
+            "--split",
+            "test",
+            "--mode",
+            "slm",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ]
+    )
     assert [r["prompt"] for r in json_lines(capsys.readouterr().out)] == ["4837+2956", "12+345"]
 
 
@@ -434,14 +664,26 @@ BAD = [  # (script, arguments, what the one line must say); {tmp} is a fresh fol
     (generate, ["--engine", "fast", "--batch-size", "4", "--prompt", "1+2"], "use --batch-size 1"),
     (generate, ["--router", "{tmp}/none", "--prompt", "1+2"], "--router {tmp}/none does not exist"),
     (generate, ["--prompt", " "], "empty prompt"),
-    (generate, ["--prompts-file", "{tmp}/missing.jsonl"], "--prompts-file {tmp}/missing.jsonl does not exist"),
+    (
+        generate,
+        ["--prompts-file", "{tmp}/missing.jsonl"],
+        "--prompts-file {tmp}/missing.jsonl does not exist",
+    ),
     (generate, ["--prompts-file", "missing.jsonl"], "--prompts-file missing.jsonl does not exist"),
-    (generate, ["--temperature", "-1", "--prompt", "1+2"], "--temperature must be at least 0, not -1.0"),
+    (
+        generate,
+        ["--temperature", "-1", "--prompt", "1+2"],
+        "--temperature must be at least 0, not -1.0",
+    ),
     (generate, ["--top-p", "0", "--prompt", "1+2"], "--top-p 0.0 is outside (0, 1]"),
     (generate, ["--max-new-tokens", "0", "--prompt", "1+2"], "--max-new-tokens must be at least 1"),
     (generate, ["--batch-size", "0", "--prompt", "1+2"], "--batch-size must be at least 1"),
     (generate, ["--threshold", "-0.5", "--prompt", "1+2"], "--threshold -0.5 is outside [0, 1]"),
-    (generate, ["--device", "cuda", "--prompt", "1+2"], "--device cuda, but torch sees no CUDA GPU"),
+    (
+        generate,
+        ["--device", "cuda", "--prompt", "1+2"],
+        "--device cuda, but torch sees no CUDA GPU",
+    ),
     (generate, ["--slm", "./nowhere", "--prompt", "1+2"], "--slm ./nowhere does not exist"),
     (evaluate, ["--engine", "fast"], "use --batch-size 1"),
     (evaluate, ["--limit", "0"], "--limit must be at least 1"),
@@ -472,68 +714,122 @@ BAD = [  # (script, arguments, what the one line must say); {tmp} is a fresh fol
     (train_router, ["--dropout", "1"], "--dropout must be below 1, not 1.0"),
     (train_router, ["--recall", "0"], "--recall must be in (0, 1], not 0.0"),
     (train_router, ["--llm-share", "1.5"], "--llm-share must be in (0, 1], not 1.5"),
-    (train_router, ["--val-fraction", "0.5", "--test-fraction", "0.5"], "--test-fraction must be in (0, 0.5)"),
+    (
+        train_router,
+        ["--val-fraction", "0.5", "--test-fraction", "0.5"],
+        "--test-fraction must be in (0, 0.5)",
+    ),
     (train_router, ["--device", "cuda"], "--device cuda, but torch sees no CUDA GPU"),
 ]
 
 
-@pytest.mark.parametrize("script, argv, says", BAD, ids=[f"{s.__name__}{' '.join(a)}" for s, a, _ in BAD])
+@pytest.mark.parametrize(
+    "script, argv, says", BAD, ids=[f"{s.__name__}{' '.join(a)}" for s, a, _ in BAD]
+)
 def test_bad_input_is_one_line_before_any_model_loads(script, argv, says, tmp_path, no_models):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     (tmp_path / "empty_row.jsonl").write_text(EMPTY_ROW)
     message = run_cli(script.main, [a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert says.replace("{tmp}", str(tmp_path)) in message, message
-    assert "--prompt " not in message + " " or script is generate  # evaluate and label have no --prompt
-    assert "(not a file)" not in message and "or pass --" not in message and ("--top-p" in says) == (
-        "--top-p" in message)
+    assert (
+        "--prompt " not in message + " " or script is generate
+    )  # evaluate and label have no --prompt
+    assert (
+        "(not a file)" not in message
+        and "or pass --" not in message
+        and ("--top-p" in says) == ("--top-p" in message)
+    )
 
 
 def test_help_shows_defaults_and_status_names_no_false_reason(capsys):
-    for script, default in ((generate, "(default: 256)"), (evaluate, "(default: 128)"), (label, "(default: 65536)"),
-                            (train_router, "(default: 0.95)")):
+    for script, default in (
+        (generate, "(default: 256)"),
+        (evaluate, "(default: 128)"),
+        (label, "(default: 65536)"),
+        (train_router, "(default: 0.95)"),
+    ):
         with pytest.raises(SystemExit):
             script.parse_args(["--help"])
         assert default in " ".join(capsys.readouterr().out.split()), script.__name__
     r2r.pick_device("cpu", "float16")
     assert capsys.readouterr().err == "device cpu, dtype float16\n"
 
+
 # ----------------------------------------------------------------------------- 13. honest tables
 
 
 def test_mean_catch_up_counts_only_gaps_after_the_prompt(random_pair, capsys):
     slm, llm, tok = r2r.load_pair(random_pair["slm"], random_pair["llm"])
-    trace = r2r.decode(r2r.EagerEngine(slm, llm, tok), None, r2r.encode_prompt(tok, "1+2"), max_new_tokens=5,
-                       mode="llm")
-    assert trace.catch_up == [0, 1, 1, 1, 1] and trace.mean_catch_up == 1.0  # the first call read the prompt only
+    trace = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok),
+        None,
+        r2r.encode_prompt(tok, "1+2"),
+        max_new_tokens=5,
+        mode="llm",
+    )
+    assert (
+        trace.catch_up == [0, 1, 1, 1, 1] and trace.mean_catch_up == 1.0
+    )  # the first call read the prompt only
     by_hand = r2r.Trace()
     for token, routed in zip(range(8), [0, 0, 1, 0, 1, 1, 0, 0]):
         by_hand.commit(token, routed)
-    assert by_hand.catch_up == [2, 2, 1] and by_hand.mean_catch_up == pytest.approx(5 / 3)  # the gaps it read
-    generate.main(["--slm", random_pair["slm"], "--llm", random_pair["llm"], "--mode", "llm", "--prompt", "1+2",
-                   "--max-new-tokens", "5"])
+    assert by_hand.catch_up == [2, 2, 1] and by_hand.mean_catch_up == pytest.approx(
+        5 / 3
+    )  # the gaps it read
+    generate.main(
+        [
+            "--slm",
+            random_pair["slm"],
+            "--llm",
+            random_pair["llm"],
+            "--mode",
+            "llm",
+            "--prompt",
+            "1+2",
+            "--max-new-tokens",
+            "5",
+        ]
+    )
     assert "5 LLM calls, mean catch-up 1.0 tokens" in capsys.readouterr().out
 
 
 def test_plot_labels_do_not_overlap_and_the_legend_covers_no_point(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
+
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
 
     def row(method, threshold, share, acc):
-        return dict(method=method, threshold=threshold, share=share, acc=acc, acc_lo=acc - 0.05, acc_hi=acc + 0.05,
-                    n=100)
+        return dict(
+            method=method,
+            threshold=threshold,
+            share=share,
+            acc=acc,
+            acc_lo=acc - 0.05,
+            acc_hi=acc + 0.05,
+            n=100,
+        )
 
-    rows = [row("SLM only", None, 0, 0.5), row("LLM only", None, 1, 0.95), row("R2R (saved)", 0.82, 0.08, 0.9),
-            row("entropy", 0.4, 0.08, 0.6), row("random", 0.4, 0.6, 0.05), row("random", 0.5, 0.9, 0.1)]
-    rows += [row("R2R", t, 0.08 + 0.001 * i, 0.9 + 0.002 * i) for i, t in enumerate([0.3, 0.5, 0.7, 0.75, 0.8])]
+    rows = [
+        row("SLM only", None, 0, 0.5),
+        row("LLM only", None, 1, 0.95),
+        row("R2R (saved)", 0.82, 0.08, 0.9),
+        row("entropy", 0.4, 0.08, 0.6),
+        row("random", 0.4, 0.6, 0.05),
+        row("random", 0.5, 0.9, 0.1),
+    ]
+    rows += [
+        row("R2R", t, 0.08 + 0.001 * i, 0.9 + 0.002 * i)
+        for i, t in enumerate([0.3, 0.5, 0.7, 0.75, 0.8])
+    ]
     evaluate.plot(rows, str(tmp_path / "p.png"))
-    fig, = figures
+    (fig,) = figures
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert len(boxes) == 6
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     legend = ax.get_legend().get_window_extent(renderer)
     points = ax.transData.transform([(100 * r["share"], 100 * r["acc"]) for r in rows])
     assert not any(legend.contains(x, y) for x, y in points)
@@ -544,4 +840,6 @@ def test_label_log_has_no_escape_codes(planted, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\x1b" not in err  # no cursor movement, as nested progress bars write
     assert [line.split(":")[0] for line in err.split("\n") if line.startswith("labeled")] == [
-        "labeled 2/3 prompts", "labeled 3/3 prompts"]  # whole lines, no carriage return inside
+        "labeled 2/3 prompts",
+        "labeled 3/3 prompts",
+    ]  # whole lines, no carriage return inside

@@ -2,18 +2,19 @@
 same tokens, same routing, same catch-ups, on CPU in fp32 where it runs the static caches
 and padded catch-ups without CUDA graphs. Also against a full recompute and the caches'
 own lengths. The CUDA-only parts (graphs, compile) are exercised by bench.py on a GPU."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import ROOT
+from test_generate import PROMPT, SignRouter, run_cli
 from transformers import MistralConfig, MistralForCausalLM
 
 import fast
 import generate
 import r2r
-from conftest import ROOT
-from test_generate import PROMPT, SignRouter, run_cli
 
 BUCKET = 4  # small, so catch-ups run through every bucket and past the largest
 
@@ -21,6 +22,7 @@ BUCKET = 4  # small, so catch-ups run through every bucket and past the largest
 class ScheduleRouter(torch.nn.Module):
     """Routes exactly the steps in `steps` (counting its calls), whatever the features say:
     routed steps 0, 1, 3, 6, 10, 15, 21 give catch-ups of 1 to 6 tokens after the first."""
+
     config = {"top_k": 5, "threshold": 0.5}
     threshold = 0.5
 
@@ -47,18 +49,35 @@ def test_fast_equals_eager_with_catch_ups_of_every_length(pair, tok, mode):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
     eager, fast = both(slm, llm, ScheduleRouter, tok, ids, max_new_tokens=30, mode=mode, eos=set())
-    assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    assert (fast.tokens, fast.from_llm, fast.catch_up) == (
+        eager.tokens,
+        eager.from_llm,
+        eager.catch_up,
+    )
     if mode == "r2r":
-        assert set(range(1, BUCKET + 3)) <= set(eager.catch_up), "the test needs gaps of 1 to past the largest bucket"
+        assert set(range(1, BUCKET + 3)) <= set(eager.catch_up), (
+            "the test needs gaps of 1 to past the largest bucket"
+        )
 
 
 @pytest.mark.parametrize("threshold", [0.05, 0.5, 0.95])
 def test_fast_equals_eager_at_router_thresholds(pair, tok, threshold):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    eager, fast = both(slm, llm, lambda: r2r.ConfidenceRouter("top1", 5, threshold), tok, ids, max_new_tokens=40,
-                       eos=set())
-    assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    eager, fast = both(
+        slm,
+        llm,
+        lambda: r2r.ConfidenceRouter("top1", 5, threshold),
+        tok,
+        ids,
+        max_new_tokens=40,
+        eos=set(),
+    )
+    assert (fast.tokens, fast.from_llm, fast.catch_up) == (
+        eager.tokens,
+        eager.from_llm,
+        eager.catch_up,
+    )
 
 
 @pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])
@@ -66,16 +85,29 @@ def test_demo_pair_fast_equals_eager(demo_pair, mode):
     slm, llm, tok = demo_pair
     ids = r2r.encode_prompt(tok, "4837+2956")
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
-    eager, fast = both(slm, llm, lambda: router, tok, ids, max_new_tokens=100, mode=mode, threshold=0.3)
-    assert (fast.tokens, fast.from_llm, fast.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    eager, fast = both(
+        slm, llm, lambda: router, tok, ids, max_new_tokens=100, mode=mode, threshold=0.3
+    )
+    assert (fast.tokens, fast.from_llm, fast.catch_up) == (
+        eager.tokens,
+        eager.from_llm,
+        eager.catch_up,
+    )
     assert mode != "r2r" or 0 < sum(fast.from_llm) < len(fast.tokens)
-    assert fast.tokens[-1] == tok.eos_token_id and len(fast.tokens) < 100, "the demo pair stops at its EOS"
+    assert fast.tokens[-1] == tok.eos_token_id and len(fast.tokens) < 100, (
+        "the demo pair stops at its EOS"
+    )
 
 
 def test_one_engine_serves_many_prompts(demo_pair):
     slm, llm, tok = demo_pair
     eng = engine(slm, llm, tok)
-    for text in ["12+3", "4837+2956", "5+67", "12+3"]:  # longer then shorter: old slots must not leak
+    for text in [
+        "12+3",
+        "4837+2956",
+        "5+67",
+        "12+3",
+    ]:  # longer then shorter: old slots must not leak
         ids = r2r.encode_prompt(tok, text)
         want = r2r.decode(r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=40)
         got = r2r.decode(eng, SignRouter(), ids, max_new_tokens=40)
@@ -96,11 +128,20 @@ def test_sampling_equals_eager_for_the_same_seed(pair, tok):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
     kw = dict(max_new_tokens=30, eos=set(), temperature=1.0, top_p=0.9)
-    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(), ids, generator=torch.Generator().manual_seed(3),
-                       **kw)
+    eager = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok),
+        ScheduleRouter(),
+        ids,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
     eng = engine(slm, llm, tok)
-    first, again, other = [r2r.decode(eng, ScheduleRouter(), ids, generator=torch.Generator().manual_seed(s), **kw).tokens
-                           for s in (3, 3, 4)]
+    first, again, other = [
+        r2r.decode(
+            eng, ScheduleRouter(), ids, generator=torch.Generator().manual_seed(s), **kw
+        ).tokens
+        for s in (3, 3, 4)
+    ]
     assert first == again == eager.tokens and other != first
 
 
@@ -112,17 +153,21 @@ def test_padded_catch_up_logits_equal_full_recompute(pair, tok, monkeypatch):
     ids = r2r.encode_prompt(tok, PROMPT)
     eng, sampled, errors = engine(slm, llm, tok), [], []
     sample = r2r.sample
-    monkeypatch.setattr(r2r, "sample", lambda logits, *a: sampled.append(logits) or sample(logits, *a))
+    monkeypatch.setattr(
+        r2r, "sample", lambda logits, *a: sampled.append(logits) or sample(logits, *a)
+    )
 
     def recompute(tokens):
-        return llm(torch.tensor([ids + tokens])).logits[0, -1, :len(tok)]
+        return llm(torch.tensor([ids + tokens])).logits[0, -1, : len(tok)]
 
     def check(slm_cache, llm_cache, traces):
         trace = traces[0]
         if trace.from_llm[-1] and len(trace.tokens) > 1:
             errors.append(float((sampled[-1][0] - recompute(trace.tokens[:-1])).abs().max()))
             n = llm_cache.get_seq_length().clone()
-            after = r2r.forward(llm, torch.tensor([trace.tokens[-1:]]), llm_cache, last=True)[1][0, -1, :len(tok)]
+            after = r2r.forward(llm, torch.tensor([trace.tokens[-1:]]), llm_cache, last=True)[1][
+                0, -1, : len(tok)
+            ]
             errors.append(float((after - recompute(trace.tokens)).abs().max()))
             for layer in llm_cache.layers:
                 layer.cumulative_length.copy_(n)
@@ -142,10 +187,22 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
         trace = traces[0]
         n, routed = len(trace.tokens), [i for i, f in enumerate(trace.from_llm) if f]
         want_slm = 0 if mode == "llm" else len(ids) + n - 1
-        want_llm = len(ids) + routed[-1] if routed else 0  # all before its last token, when the LLM last wrote
-        lengths.append((int(slm_cache.get_seq_length()), int(llm_cache.get_seq_length()), want_slm, want_llm))
+        want_llm = (
+            len(ids) + routed[-1] if routed else 0
+        )  # all before its last token, when the LLM last wrote
+        lengths.append(
+            (int(slm_cache.get_seq_length()), int(llm_cache.get_seq_length()), want_slm, want_llm)
+        )
 
-    r2r.decode(engine(slm, llm, tok), ScheduleRouter(), ids, max_new_tokens=30, mode=mode, eos=set(), on_step=check)
+    r2r.decode(
+        engine(slm, llm, tok),
+        ScheduleRouter(),
+        ids,
+        max_new_tokens=30,
+        mode=mode,
+        eos=set(),
+        on_step=check,
+    )
     assert [(a, b) for a, b, _, _ in lengths] == [(c, d) for _, _, c, d in lengths]
     assert len(lengths) == 30
 
@@ -153,7 +210,13 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
 def test_too_long_for_the_buffers_is_one_line(pair, tok):
     slm, llm = pair
     with pytest.raises(r2r.R2RError, match="exceed the fast engine"):
-        r2r.decode(engine(slm, llm, tok, max_tokens=20), None, list(range(15)), max_new_tokens=10, mode="slm")
+        r2r.decode(
+            engine(slm, llm, tok, max_tokens=20),
+            None,
+            list(range(15)),
+            max_new_tokens=10,
+            mode="slm",
+        )
 
 
 def json_rows(argv, capsys):
@@ -163,17 +226,33 @@ def json_rows(argv, capsys):
     return [json.loads(line) for line in out.splitlines()], err
 
 
-@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--top-p", "0.9", "--seed", "5"]])
+@pytest.mark.parametrize(
+    "sampling", [[], ["--temperature", "1.0", "--top-p", "0.9", "--seed", "5"]]
+)
 def test_generate_cli_engines_agree(capsys, sampling):
-    argv = ["--prompt", "4837+2956", "--prompt", "12+345", "--threshold", "0.3", "--max-new-tokens", "40", *sampling]
+    argv = [
+        "--prompt",
+        "4837+2956",
+        "--prompt",
+        "12+345",
+        "--threshold",
+        "0.3",
+        "--max-new-tokens",
+        "40",
+        *sampling,
+    ]
     eager, err_eager = json_rows(argv + ["--engine", "eager"], capsys)
     quick, err_fast = json_rows(argv + ["--engine", "fast"], capsys)
     assert "engine eager" in err_eager and "engine fast" in err_fast and len(quick) == 2
-    assert [(r["token_ids"], r["from_llm"]) for r in quick] == [(r["token_ids"], r["from_llm"]) for r in eager]
+    assert [(r["token_ids"], r["from_llm"]) for r in quick] == [
+        (r["token_ids"], r["from_llm"]) for r in eager
+    ]
 
 
 def test_fast_engine_refuses_batches_in_one_line():
-    assert "one prompt at a time" in run_cli(["--engine", "fast", "--batch-size", "2", "--prompt", "12+3"])
+    assert "one prompt at a time" in run_cli(
+        ["--engine", "fast", "--batch-size", "2", "--prompt", "12+3"]
+    )
 
 
 def test_router_loads_onto_the_device_asked(demo_pair):
@@ -199,7 +278,9 @@ def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
     r2r.decode(eng, router(), ids, max_new_tokens=n, eos=set())
     layers = eng.slm_cache.layers + eng.llm_cache.layers
     lengths = [int(layer.cumulative_length) for layer in layers]
-    assert lengths[0] == len(ids) + n - 1 and lengths[-1] >= len(ids) + n - 3, "the test needs full buffers"
+    assert lengths[0] == len(ids) + n - 1 and lengths[-1] >= len(ids) + n - 3, (
+        "the test needs full buffers"
+    )
     state = eng.router.generator.get_state()
     for P in eng.buckets:
         eng._warm_up(eng._llm_fn(P, eng.contexts[-1], 0.0, 1.0))
@@ -208,7 +289,11 @@ def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
     assert torch.equal(eng.router.generator.get_state(), state)
     eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), router(), ids, max_new_tokens=n, eos=set())
     got = r2r.decode(eng, router(), ids, max_new_tokens=n, eos=set())
-    assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    assert (got.tokens, got.from_llm, got.catch_up) == (
+        eager.tokens,
+        eager.from_llm,
+        eager.catch_up,
+    )
     assert 0 < sum(got.from_llm) < n
 
 
@@ -217,16 +302,29 @@ def test_max_bucket_that_is_not_a_power_of_two(pair, tok):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
     eng = fast.FastEngine(slm, llm, tok, max_tokens=120, max_bucket=6)
-    eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(), ids, max_new_tokens=30, eos=set())
+    eager = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok), ScheduleRouter(), ids, max_new_tokens=30, eos=set()
+    )
     got = r2r.decode(eng, ScheduleRouter(), ids, max_new_tokens=30, eos=set())
     assert eng.buckets == [1, 2, 4] and {5, 6} <= set(got.catch_up)
-    assert (got.tokens, got.from_llm, got.catch_up) == (eager.tokens, eager.from_llm, eager.catch_up)
+    assert (got.tokens, got.from_llm, got.catch_up) == (
+        eager.tokens,
+        eager.from_llm,
+        eager.catch_up,
+    )
 
 
 def test_sliding_window_models_are_refused_in_one_line(tok, monkeypatch, capsys):
     """Their static cache layers also count in Python ints that the engine cannot reset."""
-    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, sliding_window=8)
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
     model = MistralForCausalLM(config).eval()
     with pytest.raises(r2r.R2RError, match="sliding-window layers"):
         fast.FastEngine(model, model, tok, max_tokens=50)
@@ -242,7 +340,9 @@ def test_prepare_builds_every_function_without_autograd(pair, tok, monkeypatch):
     eng = engine(slm, llm, tok)
     r2r.decode(eng, ScheduleRouter(), r2r.encode_prompt(tok, PROMPT), max_new_tokens=4, eos=set())
     grad_modes = []
-    monkeypatch.setattr(eng, "_capture", lambda fn, compiled: grad_modes.append(torch.is_grad_enabled()) or fn)
+    monkeypatch.setattr(
+        eng, "_capture", lambda fn, compiled: grad_modes.append(torch.is_grad_enabled()) or fn
+    )
     eng.fns.clear()
     eng.prepare(ScheduleRouter(), mode="r2r")
     assert len(grad_modes) == 1 + len(eng.buckets) and not any(grad_modes)

@@ -1,17 +1,18 @@
 """Mixed decoding (generate.py / r2r.decode) against independent oracles: model.generate,
 full recomputes without a cache, and the caches' own lengths."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import ROOT, tiny_model
 from transformers import DynamicCache, LlamaForCausalLM
 
 import evaluate
 import generate
 import r2r
 import train_router
-from conftest import ROOT, tiny_model
 
 PROMPT = "4837+2956"
 
@@ -19,6 +20,7 @@ PROMPT = "4837+2956"
 class SignRouter(torch.nn.Module):
     """Routes exactly the steps where the SLM's first hidden unit is positive: about half,
     chosen by something the decode loop cannot see coming."""
+
     config = {"top_k": 5, "threshold": 0.5}
     threshold = 0.5
 
@@ -30,16 +32,23 @@ def oracle(model, tok, ids, n):
     """model.generate, greedy, restricted to the tokenizer's ids (a padded lm_head's extra
     rows are not tokens)."""
     vocab = model.config.vocab_size
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
-                         pad_token_id=tok.pad_token_id, suppress_tokens=list(range(len(tok), vocab)) or None)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        do_sample=False,
+        max_new_tokens=n,
+        pad_token_id=tok.pad_token_id,
+        suppress_tokens=list(range(len(tok), vocab)) or None,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("mode", ["slm", "llm"])
 def test_forced_modes_equal_generate(pair, tok, mode):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    trace = r2r.decode(r2r.EagerEngine(slm, llm, tok), None, ids, max_new_tokens=24, mode=mode, eos=set())
+    trace = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok), None, ids, max_new_tokens=24, mode=mode, eos=set()
+    )
     assert trace.tokens == oracle(slm if mode == "slm" else llm, tok, ids, 24)
     assert trace.from_llm == [int(mode == "llm")] * 24
 
@@ -47,11 +56,13 @@ def test_forced_modes_equal_generate(pair, tok, mode):
 def test_r2r_tokens_are_their_source_models_argmax(pair, tok):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
-    trace = r2r.decode(r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=24, eos=set())
+    trace = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=24, eos=set()
+    )
     assert 0 < sum(trace.from_llm) < 24, "the test needs both models to write"
     for i, (token, src) in enumerate(zip(trace.tokens, trace.from_llm)):
         model = llm if src else slm
-        logits = model(torch.tensor([ids + trace.tokens[:i]])).logits[0, -1, :len(tok)]  # no cache
+        logits = model(torch.tensor([ids + trace.tokens[:i]])).logits[0, -1, : len(tok)]  # no cache
         assert token == int(logits.argmax()), f"token {i} from {'LLM' if src else 'SLM'}"
 
 
@@ -82,7 +93,15 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
         assert llm_cache.get_seq_length() == (len(ids) + routed[-1] if routed else 0)
         steps.append(n)
 
-    r2r.decode(r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=16, mode=mode, eos=set(), on_step=check)
+    r2r.decode(
+        r2r.EagerEngine(slm, llm, tok),
+        SignRouter(),
+        ids,
+        max_new_tokens=16,
+        mode=mode,
+        eos=set(),
+        on_step=check,
+    )
     assert steps == list(range(1, 17))
 
 
@@ -92,8 +111,16 @@ def test_sampling_is_reproducible(pair, tok):
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return r2r.decode(r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=20, temperature=1.0,
-                          top_p=0.9, generator=g, eos=set())
+        return r2r.decode(
+            r2r.EagerEngine(slm, llm, tok),
+            SignRouter(),
+            ids,
+            max_new_tokens=20,
+            temperature=1.0,
+            top_p=0.9,
+            generator=g,
+            eos=set(),
+        )
 
     a, b = run(3), run(3)
     assert a.tokens == b.tokens and a.from_llm == b.from_llm
@@ -105,7 +132,10 @@ def test_stops_at_eos(tok):
     ids = r2r.encode_prompt(tok, PROMPT)
     kw = dict(max_new_tokens=5, mode="slm")
     first = r2r.decode(r2r.EagerEngine(slm, slm, tok), None, ids, eos=set(), **kw).tokens
-    assert r2r.decode(r2r.EagerEngine(slm, slm, tok), None, ids, eos={first[2]}, **kw).tokens == first[:3]
+    assert (
+        r2r.decode(r2r.EagerEngine(slm, slm, tok), None, ids, eos={first[2]}, **kw).tokens
+        == first[:3]
+    )
 
 
 @pytest.mark.parametrize("mode", ["slm", "llm"])
@@ -114,18 +144,27 @@ def test_demo_pair_forced_modes_equal_generate(demo_pair, mode):
     ids = r2r.encode_prompt(tok, PROMPT)
     model = slm if mode == "slm" else llm
     trace = r2r.decode(r2r.EagerEngine(slm, llm, tok), None, ids, max_new_tokens=80, mode=mode)
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[0, len(ids):].tolist()
-    assert trace.tokens == out[:len(trace.tokens)] and trace.tokens[-1] == tok.eos_token_id
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[
+        0, len(ids) :
+    ].tolist()
+    assert trace.tokens == out[: len(trace.tokens)] and trace.tokens[-1] == tok.eos_token_id
     if mode == "llm":
         assert evaluate.extract_answer(tok.decode(trace.tokens, skip_special_tokens=True)) == "7793"
+
 
 # ----------------------------------------------------------------------------- the CLI
 
 
 def demo_router(folder, slm, tok, hidden_size=None):
     torch.manual_seed(0)
-    router = r2r.Router(hidden_size or slm.config.hidden_size, top_k=8, width=16, n_blocks=1, threshold=0.5,
-                        slm=r2r.fingerprint(slm, tok))
+    router = r2r.Router(
+        hidden_size or slm.config.hidden_size,
+        top_k=8,
+        width=16,
+        n_blocks=1,
+        threshold=0.5,
+        slm=r2r.fingerprint(slm, tok),
+    )
     train_router.save_router(router, str(folder))
     return str(folder)
 
@@ -133,8 +172,22 @@ def demo_router(folder, slm, tok, hidden_size=None):
 def test_cli_json(demo_pair, tmp_path, capsys):
     slm, _, tok = demo_pair
     router = demo_router(tmp_path / "router", slm, tok)
-    generate.main(["--router", router, "--prompt", PROMPT, "--prompt", "12+345", "--json", "--threshold", "0.5"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    generate.main(
+        [
+            "--router",
+            router,
+            "--prompt",
+            PROMPT,
+            "--prompt",
+            "12+345",
+            "--json",
+            "--threshold",
+            "0.5",
+        ]
+    )
+    rows = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
     assert len(rows) == 2
     for row in rows:
         assert len(row["token_ids"]) == len(row["from_llm"]) and set(row["from_llm"]) <= {0, 1}
@@ -175,8 +228,16 @@ def test_cli_bad_input(demo_pair, tmp_path, tok):
     assert "share one tokenizer" in run_cli(["--llm", folder, "--mode", "slm", "--prompt", PROMPT])
 
 
-@pytest.mark.parametrize("prompt, noted", [("4837+2956", False), ("4 8 + 2 9", False), ("hello there", True),
-                                           ("12345+67890", True), ("99+1", True)])
+@pytest.mark.parametrize(
+    "prompt, noted",
+    [
+        ("4837+2956", False),
+        ("4 8 + 2 9", False),
+        ("hello there", True),
+        ("12345+67890", True),
+        ("99+1", True),
+    ],
+)
 def test_demo_pair_notes_prompts_outside_its_task(capsys, prompt, noted):
     generate.main(["--mode", "slm", "--prompt", prompt, "--max-new-tokens", "3"])
     out, err = capsys.readouterr()
@@ -188,7 +249,19 @@ def test_no_demo_note_for_another_pair(tmp_path, tok, capsys):
     for name, seed in (("slm", 1), ("llm", 2)):
         tiny_model("llama", tok, 1, 32, seed=seed).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    generate.main(["--slm", str(tmp_path / "slm"), "--llm", str(tmp_path / "llm"), "--mode", "slm",
-                   "--prompt", "hello there", "--max-new-tokens", "3"])
+    generate.main(
+        [
+            "--slm",
+            str(tmp_path / "slm"),
+            "--llm",
+            str(tmp_path / "llm"),
+            "--mode",
+            "slm",
+            "--prompt",
+            "hello there",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     out, err = capsys.readouterr()
     assert "note:" not in err and out.splitlines()[-1].startswith("-- 3 new tokens")

@@ -1,20 +1,34 @@
 """label.py against labels planted in advance, an independent continuation, and a
 kill-and-resume."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evaluate
 import label
 import r2r
-from conftest import tiny_model
 
 # The LLM's response from ":" (the demo chat template's last prompt token), and its table.
-LLM_NEXT = {":": "write", "write": "1", "1": "+", "+": "2", "2": "=", "=": "3", "3": ";", ";": "so", "so": "4",
-            "4": "</s>", "put": "1", "thus": "4", "5": "</s>"}
+LLM_NEXT = {
+    ":": "write",
+    "write": "1",
+    "1": "+",
+    "+": "2",
+    "2": "=",
+    "=": "3",
+    "3": ";",
+    ";": "so",
+    "so": "4",
+    "4": "</s>",
+    "put": "1",
+    "thus": "4",
+    "5": "</s>",
+}
 # The SLM agrees except at three planted points.
 SLM_NEXT = dict(LLM_NEXT, **{":": "put", ";": "thus", "so": "5"})
 RESPONSE = ["write", "1", "+", "2", "=", "3", ";", "so", "4", "</s>"]
@@ -26,9 +40,19 @@ def bigram_model(tok, table):
     """An exact bigram model: one Llama layer whose attention and MLP outputs are zero, so
     the next token depends only on the current one, through the hand-set lm_head."""
     V, H = len(tok), len(tok) + len(tok) % 2  # RoPE wants an even head size
-    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=H, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=H,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(V, H))  # token c -> unit vector c
@@ -36,7 +60,9 @@ def bigram_model(tok, table):
         model.model.layers[0].mlp.down_proj.weight.zero_()
         model.lm_head.weight.zero_()
         for cur, nxt in table.items():
-            model.lm_head.weight[tok.convert_tokens_to_ids(nxt), tok.convert_tokens_to_ids(cur)] = 1.0
+            model.lm_head.weight[tok.convert_tokens_to_ids(nxt), tok.convert_tokens_to_ids(cur)] = (
+                1.0
+            )
     return model
 
 
@@ -58,21 +84,49 @@ def run(argv):
 
 
 def test_recovers_planted_labels(planted, tmp_path, tok):
-    ds = run(["--slm", str(planted / "slm"), "--llm", str(planted / "llm"), "--prompts",
-              str(planted / "prompts.jsonl"), "--batch-size", "2", "--out", str(tmp_path / "labels")])
+    ds = run(
+        [
+            "--slm",
+            str(planted / "slm"),
+            "--llm",
+            str(planted / "llm"),
+            "--prompts",
+            str(planted / "prompts.jsonl"),
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     assert sorted(set(ds["prompt_id"])) == [0, 1, 2]
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
         assert [r["position"] for r in rows] == list(range(len(RESPONSE)))
         assert [r["llm_token"] for r in rows] == tok.convert_tokens_to_ids(RESPONSE)
-        assert [r["kind"] for r in rows] == [PLANTED.get(j, "identical") for j in range(len(RESPONSE))]
-        assert [r["label"] for r in rows] == [int(PLANTED.get(j) == "divergent") for j in range(len(RESPONSE))]
+        assert [r["kind"] for r in rows] == [
+            PLANTED.get(j, "identical") for j in range(len(RESPONSE))
+        ]
+        assert [r["label"] for r in rows] == [
+            int(PLANTED.get(j) == "divergent") for j in range(len(RESPONSE))
+        ]
 
 
 def test_identical_rows_agree_and_features_have_shapes(planted, tmp_path, tok):
-    ds = run(["--slm", str(planted / "slm"), "--llm", str(planted / "llm"), "--prompts",
-              str(planted / "prompts.jsonl"), "--out", str(tmp_path / "labels")])
-    assert [tok.convert_ids_to_tokens(r["llm_token"]) for r in ds if r["prompt_id"] == 0] == RESPONSE
+    ds = run(
+        [
+            "--slm",
+            str(planted / "slm"),
+            "--llm",
+            str(planted / "llm"),
+            "--prompts",
+            str(planted / "prompts.jsonl"),
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
+    assert [
+        tok.convert_ids_to_tokens(r["llm_token"]) for r in ds if r["prompt_id"] == 0
+    ] == RESPONSE
     for r in ds:
         assert (r["kind"] == "identical") == (r["slm_token"] == r["llm_token"])
         assert len(r["hidden"]) == len(tok) + len(tok) % 2 and len(r["topk"]) == len(tok)
@@ -82,8 +136,20 @@ def test_judge_garbage_is_dropped_and_counted(planted, tmp_path, tok, capsys):
     judge = tmp_path / "judge"
     tiny_model("llama", tok, 1, 32).save_pretrained(judge)
     tok.save_pretrained(judge)
-    ds = run(["--slm", str(planted / "slm"), "--llm", str(planted / "llm"), "--prompts",
-              str(planted / "prompts.jsonl"), "--verifier", str(judge), "--out", str(tmp_path / "labels")])
+    ds = run(
+        [
+            "--slm",
+            str(planted / "slm"),
+            "--llm",
+            str(planted / "llm"),
+            "--prompts",
+            str(planted / "prompts.jsonl"),
+            "--verifier",
+            str(judge),
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     assert set(ds["kind"]) == {"identical"}  # every judged mismatch was unparsable
     assert "verifier drops 9" in capsys.readouterr().out
 
@@ -102,10 +168,12 @@ def test_divergent_rows_reproduce_with_model_generate(demo_pair, tmp_path):
         for r in mine:
             if r["kind"] == "identical":
                 continue
-            ids = torch.tensor([prompt + response[:r["position"]] + [r["slm_token"]]])
-            out = ids[0, len(prompt):].tolist()
+            ids = torch.tensor([prompt + response[: r["position"]] + [r["slm_token"]]])
+            out = ids[0, len(prompt) :].tolist()
             if r["slm_token"] != tok.eos_token_id:  # an SLM that stops here ends the branch
-                out = llm.generate(ids, do_sample=False, max_new_tokens=128)[0, len(prompt):].tolist()
+                out = llm.generate(ids, do_sample=False, max_new_tokens=128)[
+                    0, len(prompt) :
+                ].tolist()
             alt = evaluate.extract_answer(tok.decode(out, skip_special_tokens=True))
             assert (alt != ref) == (r["kind"] == "divergent"), (pid, r["position"])
             checked[r["kind"]] += 1
@@ -150,8 +218,16 @@ def test_bad_input(tmp_path):
     with pytest.raises(r2r.R2RError, match="no text in a field 'prompt'"):
         label.main(["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")])
     with pytest.raises(r2r.R2RError, match="needs answers"):
-        label.main(["--prompts", str(tmp_path / "p.jsonl"), "--prompt-field", "question", "--out",
-                    str(tmp_path / "o")])
+        label.main(
+            [
+                "--prompts",
+                str(tmp_path / "p.jsonl"),
+                "--prompt-field",
+                "question",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(r2r.R2RError):
         label.main(["--prompts", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o")])

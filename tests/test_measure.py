@@ -1,5 +1,6 @@
 """evaluate.py and bench.py run end to end; their numbers are checked against independent
 paths where one exists (never timed assertions)."""
+
 import os
 
 import torch
@@ -19,8 +20,12 @@ def test_evaluate_rows_agree_with_batched_generate(demo_pair):
         correct = 0
         for r in rows:
             ids = r2r.encode_prompt(tok, r["prompt"])
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[0, len(ids):]
-            correct += evaluate.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[
+                0, len(ids) :
+            ]
+            correct += (
+                evaluate.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
+            )
         assert table[name]["acc"] == correct / 6
         assert table[name]["acc_lo"] <= correct / 6 <= table[name]["acc_hi"]
     assert table["LLM only"]["share"] == 1.0 and table["SLM only"]["share"] == 0.0
@@ -38,12 +43,30 @@ def test_bench_demo_prints_its_numbers(capsys):
 
 
 def test_bench_published_pair_path_on_tiny_configs(monkeypatch, capsys):
-    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=151936)
+    tiny = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=151936,
+    )
     for name in ("r1-1.5b", "r1-32b"):
         monkeypatch.setitem(bench.CONFIGS, name, dict(bench.CONFIGS[name], **tiny))
-    bench.main(["--pair", "r1-1.5b+32b", "--share", "0.5", "--n-prompts", "2", "--max-new-tokens", "16",
-                "--prompt-len", "8"])
+    bench.main(
+        [
+            "--pair",
+            "r1-1.5b+32b",
+            "--share",
+            "0.5",
+            "--n-prompts",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--prompt-len",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     share = float(out.split("LLM share ")[1].split("%")[0])
     assert 20 < share < 80  # the random router's share, over 32 tokens

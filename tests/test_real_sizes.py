@@ -1,6 +1,7 @@
 """What a real pair brings that the demo does not (issue 12): generation configs that
 model.generate would obey, a 150K-token vocabulary, a judge that thinks first, nested
 LaTeX answers, resumes with changed arguments, and a rehearsal of the GPU recipe."""
+
 import argparse
 import json
 import os
@@ -12,6 +13,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, tiny_model
+from test_label import LLM_NEXT, PLANTED, RESPONSE, SLM_NEXT, bigram_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast
@@ -22,9 +25,7 @@ import generate
 import label
 import r2r
 import train_router
-from conftest import ROOT, tiny_model
 from demo import rehearse
-from test_label import LLM_NEXT, PLANTED, RESPONSE, SLM_NEXT, bigram_model
 
 PROMPTS = ["4837+2956", "12+9", "305+77"]  # different lengths: batches are left-padded
 
@@ -50,8 +51,12 @@ def penalised(tmp_path_factory, tok):
     folders = {}
     for name, (layers, width, seed) in {"slm": (1, 32, 1), "llm": (2, 48, 2)}.items():
         model = tiny_model("llama", tok, layers, width, seed=seed)
-        model.generation_config = GenerationConfig(repetition_penalty=1.5, no_repeat_ngram_size=2,
-                                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model.generation_config = GenerationConfig(
+            repetition_penalty=1.5,
+            no_repeat_ngram_size=2,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         folders[name] = save(model, tok, root / name)
     folders["prompts"] = write_prompts(root / "prompts.jsonl", PROMPTS)
     return folders
@@ -61,23 +66,63 @@ def generate_tokens(argv, capsys):
     """generate.py --json: the token ids of each prompt's response (r2r.decode, batch size 1)."""
     capsys.readouterr()
     generate.main(argv + ["--json"])
-    return [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return [
+        json.loads(line)["token_ids"]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("{")
+    ]
 
 
-def test_label_responses_equal_generate_llm_despite_generation_config(penalised, tok, tmp_path, capsys):
+def test_label_responses_equal_generate_llm_despite_generation_config(
+    penalised, tok, tmp_path, capsys
+):
     llm, prompts = penalised["llm"], penalised["prompts"]
     # SLM = LLM: every position matches, so label.py stores every position of every response.
-    label.main(["--slm", llm, "--llm", llm, "--prompts", prompts, "--max-new-tokens", "24", "--keep-unfinished",
-                "--out", str(tmp_path / "labels")])
+    label.main(
+        [
+            "--slm",
+            llm,
+            "--llm",
+            llm,
+            "--prompts",
+            prompts,
+            "--max-new-tokens",
+            "24",
+            "--keep-unfinished",
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     ds = label.load_labels(str(tmp_path / "labels"))[1]
-    stored = [[r["llm_token"] for r in sorted((r for r in ds if r["prompt_id"] == i), key=lambda r: r["position"])]
-              for i in range(len(PROMPTS))]
-    oracle = generate_tokens(["--slm", llm, "--llm", llm, "--mode", "llm", "--max-new-tokens", "24",
-                              "--prompts-file", prompts], capsys)
+    stored = [
+        [
+            r["llm_token"]
+            for r in sorted((r for r in ds if r["prompt_id"] == i), key=lambda r: r["position"])
+        ]
+        for i in range(len(PROMPTS))
+    ]
+    oracle = generate_tokens(
+        [
+            "--slm",
+            llm,
+            "--llm",
+            llm,
+            "--mode",
+            "llm",
+            "--max-new-tokens",
+            "24",
+            "--prompts-file",
+            prompts,
+        ],
+        capsys,
+    )
     assert stored == oracle
     # The configs matter: model.generate, obeying them, writes something else.
     model = r2r.load_model(llm)
-    obeyed = [model.generate(torch.tensor([r2r.encode_prompt(tok, p)]), max_new_tokens=24)[0].tolist() for p in PROMPTS]
+    obeyed = [
+        model.generate(torch.tensor([r2r.encode_prompt(tok, p)]), max_new_tokens=24)[0].tolist()
+        for p in PROMPTS
+    ]
     assert any(o[-24:] != s for o, s in zip(obeyed, stored))
 
 
@@ -87,10 +132,29 @@ def test_evaluate_single_model_rows_equal_generate_modes(penalised, tok, capsys)
     args = argparse.Namespace(batch_size=2, max_new_tokens=24)
     prompts = [r2r.encode_prompt(tok2, r["prompt"]) for r in rows]
     for mode, engine in (("slm", "eager"), ("llm", "eager"), ("llm", "fast")):
-        traces = evaluate.decode_all(fast.pick_engine(slm, llm, tok2, kind=engine, max_tokens=200), None, prompts, args,
-                                     tqdm(disable=True), mode=mode)
-        oracle = generate_tokens(["--slm", penalised["slm"], "--llm", penalised["llm"], "--mode", mode,
-                                  "--max-new-tokens", "24", "--prompts-file", penalised["prompts"]], capsys)
+        traces = evaluate.decode_all(
+            fast.pick_engine(slm, llm, tok2, kind=engine, max_tokens=200),
+            None,
+            prompts,
+            args,
+            tqdm(disable=True),
+            mode=mode,
+        )
+        oracle = generate_tokens(
+            [
+                "--slm",
+                penalised["slm"],
+                "--llm",
+                penalised["llm"],
+                "--mode",
+                mode,
+                "--max-new-tokens",
+                "24",
+                "--prompts-file",
+                penalised["prompts"],
+            ],
+            capsys,
+        )
         assert [t.tokens for t in traces] == oracle, (mode, engine)
 
 
@@ -126,8 +190,13 @@ def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
     logits, 2.6 GB on their own (on these sizes its process peaked at 3.0 GiB); slices of
     2^24 logits keep the whole run under 1 GiB."""
     code = CHILD.format(root=ROOT, work=str(tmp_path), vocab=150_000, new=256)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     peak_gib = int(out.stdout.split("PEAK_KIB")[1]) / 2**20
     positions = int(re.search(r"(\d+) positions from 16 responses", out.stdout).group(1))
@@ -137,21 +206,32 @@ def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
 
 # ----------------------------------------------------------------------------- a judge that answers
 
+
 def byte_tokenizer(template):
     """A byte-level tokenizer (every text round-trips) with a chat template of our own."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.pre_tokenizer, tk.decoder = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoders.ByteLevel(),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, chat_template=template)
-    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                            "additional_special_tokens": ["<think>", "</think>"]})
+    tok.add_special_tokens(
+        {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "additional_special_tokens": ["<think>", "</think>"],
+        }
+    )
     return tok
 
 
 # Qwen3's switch: the assistant turn opens <think> unless enable_thinking is false.
-THINKING = ("{% for m in messages %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
-            "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-            "{% else %}<think>\n{% endif %}")
+THINKING = (
+    "{% for m in messages %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}"
+)
 
 
 class ScriptedJudge(torch.nn.Module):
@@ -165,7 +245,9 @@ class ScriptedJudge(torch.nn.Module):
         super().__init__()
         self.tok, self.device = tok, torch.device("cpu")
         self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
-        self.config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace())  # no position limit
+        self.config = types.SimpleNamespace(
+            get_text_config=lambda: types.SimpleNamespace()
+        )  # no position limit
         self.seen = []
 
     def reply(self, prompt):
@@ -176,17 +258,23 @@ class ScriptedJudge(torch.nn.Module):
 
     def base_model(self, input_ids, cache=None, attention_mask=None, **kw):
         fresh = cache.get_seq_length() == 0
-        cache.update(*[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0)  # it keeps count
+        cache.update(
+            *[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0
+        )  # it keeps count
         if fresh:  # a new batch: read each prompt, write its reply
             prompts = [self.tok.decode(ids[m.bool()]) for ids, m in zip(input_ids, attention_mask)]
             self.seen += prompts
-            self.script = [self.tok.encode(self.reply(p)) + [self.tok.eos_token_id] for p in prompts]
+            self.script = [
+                self.tok.encode(self.reply(p)) + [self.tok.eos_token_id] for p in prompts
+            ]
             self.step = 0
         else:  # r2r.decode_batch drops a row from the batch once it has written its EOS
             self.script = [s for s in self.script if len(s) > self.step]
         nxt = torch.tensor([s[min(self.step, len(s) - 1)] for s in self.script])
         self.step += 1
-        return types.SimpleNamespace(last_hidden_state=F.one_hot(nxt, len(self.tok)).float()[:, None])  # (B, 1, V)
+        return types.SimpleNamespace(
+            last_hidden_state=F.one_hot(nxt, len(self.tok)).float()[:, None]
+        )  # (B, 1, V)
 
     def get_output_embeddings(self):
         return torch.nn.Identity()
@@ -199,36 +287,75 @@ def planted(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("planted")
     for name, table in (("slm", SLM_NEXT), ("llm", LLM_NEXT)):
         save(bigram_model(tok, table), tok, root / name)
-    return dict(slm=str(root / "slm"), llm=str(root / "llm"),
-                prompts=write_prompts(root / "prompts.jsonl", ["1+2", "30+4", "5+6"]))
+    return dict(
+        slm=str(root / "slm"),
+        llm=str(root / "llm"),
+        prompts=write_prompts(root / "prompts.jsonl", ["1+2", "30+4", "5+6"]),
+    )
 
 
 def test_scripted_judge_labels_planted_mismatches(planted, tok, tmp_path, monkeypatch):
     judge_tok = byte_tokenizer(THINKING)
     judge = ScriptedJudge(judge_tok)
     real_model, real_tok = r2r.load_model, r2r.load_tokenizer
-    monkeypatch.setattr(r2r, "load_model", lambda path, *a, **kw: judge if path == "judge" else
-                        real_model(path, *a, **kw))
-    monkeypatch.setattr(r2r, "load_tokenizer", lambda path: judge_tok if path == "judge" else real_tok(path))
-    label.main(["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"], "--verifier", "judge",
-                "--judge-batch-size", "2", "--out", str(tmp_path / "labels")])
+    monkeypatch.setattr(
+        r2r,
+        "load_model",
+        lambda path, *a, **kw: judge if path == "judge" else real_model(path, *a, **kw),
+    )
+    monkeypatch.setattr(
+        r2r, "load_tokenizer", lambda path: judge_tok if path == "judge" else real_tok(path)
+    )
+    label.main(
+        [
+            "--slm",
+            planted["slm"],
+            "--llm",
+            planted["llm"],
+            "--prompts",
+            planted["prompts"],
+            "--verifier",
+            "judge",
+            "--judge-batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     ds = label.load_labels(str(tmp_path / "labels"))[1]
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
-        assert [r["kind"] for r in rows] == [PLANTED.get(j, "identical") for j in range(len(RESPONSE))], pid
-    assert len(judge.seen) == 9 and all(p.endswith("</think>\n\n") for p in judge.seen)  # 3 per prompt, no thinking
+        assert [r["kind"] for r in rows] == [
+            PLANTED.get(j, "identical") for j in range(len(RESPONSE))
+        ], pid
+    assert len(judge.seen) == 9 and all(
+        p.endswith("</think>\n\n") for p in judge.seen
+    )  # 3 per prompt, no thinking
     # The oracle for the switch itself: left at the template's default, the judge thinks and gives no verdict.
-    (_, default, _), = label.greedy_batch(judge, judge_tok, [judge.seen[0][judge.seen[0].index("Two"):]], 16)
+    ((_, default, _),) = label.greedy_batch(
+        judge, judge_tok, [judge.seen[0][judge.seen[0].index("Two") :]], 16
+    )
     assert label.parse_judge(judge_tok.decode(default)) is None
 
 
 # ----------------------------------------------------------------------------- answers
 
-@pytest.mark.parametrize("text, answer", [
-    ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"), ("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}"),
-    ("\\boxed{1} at first, then \\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}"), ("$\\boxed{x^{2}+1}$.", "x^{2}+1"),
-    ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)"), ("\\boxed{5\\text{ cm}}", "5"), ("\\boxed{50\\%}", "50"),
-    ("\\boxed{\\tfrac{1}{2}.}", "\\frac{1}{2}"), ("\\boxed{90^\\circ}", "90"), ("\\boxed{\\frac{1}{2}", None)])
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}"),
+        ("\\boxed{1} at first, then \\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}"),
+        ("$\\boxed{x^{2}+1}$.", "x^{2}+1"),
+        ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)"),
+        ("\\boxed{5\\text{ cm}}", "5"),
+        ("\\boxed{50\\%}", "50"),
+        ("\\boxed{\\tfrac{1}{2}.}", "\\frac{1}{2}"),
+        ("\\boxed{90^\\circ}", "90"),
+        ("\\boxed{\\frac{1}{2}", None),
+    ],
+)
 def test_nested_brace_answers(text, answer):
     assert evaluate.extract_answer(text) == answer
 
@@ -236,7 +363,12 @@ def test_nested_brace_answers(text, answer):
 def test_equal_answers_compare_equal(tmp_path):
     path = tmp_path / "p.jsonl"
     with open(path, "w") as f:
-        for ref in ("\\dfrac{1}{2}", "The solution ... so $\\boxed{\\frac{1}{2}}$.", "$\\frac{1}{2}$", "7793"):
+        for ref in (
+            "\\dfrac{1}{2}",
+            "The solution ... so $\\boxed{\\frac{1}{2}}$.",
+            "$\\frac{1}{2}$",
+            "7793",
+        ):
             f.write(json.dumps({"prompt": "x", "answer": ref}) + "\n")
     refs = [evaluate.reference_answer(r["answer"]) for r in r2r.read_prompts(str(path))]
     assert refs == ["\\frac{1}{2}"] * 3 + ["7793"]
@@ -245,9 +377,18 @@ def test_equal_answers_compare_equal(tmp_path):
 
 # ----------------------------------------------------------------------------- resume, placement
 
+
 def test_resume_with_changed_judge_span_fails_in_one_line(planted, tmp_path):
-    argv = ["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"],
-            "--out", str(tmp_path / "labels")]
+    argv = [
+        "--slm",
+        planted["slm"],
+        "--llm",
+        planted["llm"],
+        "--prompts",
+        planted["prompts"],
+        "--out",
+        str(tmp_path / "labels"),
+    ]
     label.main(argv + ["--judge-span", "64"])
     with pytest.raises(SystemExit) as e:
         r2r.run_main(lambda: label.main(argv + ["--judge-span", "8"]))
@@ -256,28 +397,50 @@ def test_resume_with_changed_judge_span_fails_in_one_line(planted, tmp_path):
     label.main(argv + ["--judge-span", "64"])  # the same arguments still resume
 
 
-def test_train_router_puts_router_features_and_embeddings_on_its_device(planted, tmp_path, monkeypatch):
+def test_train_router_puts_router_features_and_embeddings_on_its_device(
+    planted, tmp_path, monkeypatch
+):
     """--device meta: any tensor left on the CPU meets a meta one and raises."""
-    label.main(["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"],
-                "--out", str(tmp_path / "labels")])
+    label.main(
+        [
+            "--slm",
+            planted["slm"],
+            "--llm",
+            planted["llm"],
+            "--prompts",
+            planted["prompts"],
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     real = train_router.load_features
-    monkeypatch.setattr(train_router, "load_features",
-                        lambda folder, device: (lambda d, slm, t, m: (d, slm.to(device), t, m))(*real(folder, "cpu")))
+    monkeypatch.setattr(
+        train_router,
+        "load_features",
+        lambda folder, device: (lambda d, slm, t, m: (d, slm.to(device), t, m))(
+            *real(folder, "cpu")
+        ),
+    )
     seen = {}
 
     def one_step(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
         seen["loss"] = train_router.batch_loss(router, emb_table, data, y, tr_idx[:8], pos_weight)
-        seen["devices"] = {p.device.type for p in list(router.parameters()) + list(emb_table.parameters())}
+        seen["devices"] = {
+            p.device.type for p in list(router.parameters()) + list(emb_table.parameters())
+        }
         raise KeyboardInterrupt  # stop before anything reads a meta tensor's value
 
     monkeypatch.setattr(train_router, "fit", one_step)
     with pytest.raises(KeyboardInterrupt):
-        train_router.main(["--labels", str(tmp_path / "labels"), "--device", "meta", "--val-fraction", "0.34"])
+        train_router.main(
+            ["--labels", str(tmp_path / "labels"), "--device", "meta", "--val-fraction", "0.34"]
+        )
     assert seen["loss"].device.type == "meta" and seen["devices"] == {"meta"}
 
 
 def test_device_map_reaches_from_pretrained(planted, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
     calls, real = [], AutoModelForCausalLM.from_pretrained
 
     def spy(path, **kw):
@@ -285,18 +448,54 @@ def test_device_map_reaches_from_pretrained(planted, tmp_path, monkeypatch):
         return real(path, **kw)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    label.main(["--slm", planted["slm"], "--llm", planted["llm"], "--prompts", planted["prompts"], "--device-map",
-                "auto", "--out", str(tmp_path / "labels")])
+    label.main(
+        [
+            "--slm",
+            planted["slm"],
+            "--llm",
+            planted["llm"],
+            "--prompts",
+            planted["prompts"],
+            "--device-map",
+            "auto",
+            "--out",
+            str(tmp_path / "labels"),
+        ]
+    )
     assert calls == [None, "auto"]  # the SLM stays on --device, the LLM is placed by accelerate
     assert len(label.load_labels(str(tmp_path / "labels"))[1]) == 3 * len(RESPONSE)
 
 
 # ----------------------------------------------------------------------------- the rehearsal
 
+
 def test_rehearsal_runs_end_to_end_at_tiny_size(tmp_path, capsys):
-    results = rehearse.main(["--work", str(tmp_path), "--vocab-size", "3000", "--hidden-size", "32", "--layers", "1",
-                             "--router-width", "16", "--router-blocks", "1", "--max-new-tokens", "24",
-                             "--n-prompts", "3", "--prompt-len", "20", "--judge-span", "4", "--device", "cpu"])
+    results = rehearse.main(
+        [
+            "--work",
+            str(tmp_path),
+            "--vocab-size",
+            "3000",
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--router-width",
+            "16",
+            "--router-blocks",
+            "1",
+            "--max-new-tokens",
+            "24",
+            "--n-prompts",
+            "3",
+            "--prompt-len",
+            "20",
+            "--judge-span",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert list(results) == ["label", "train", "generate", "evaluate"]
     meta, ds = label.load_labels(str(tmp_path / "labels"))
     assert len(set(ds["prompt_id"])) == 3 and {"neutral", "divergent"} <= set(ds["kind"])

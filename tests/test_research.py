@@ -2,6 +2,7 @@
 agreement, --out and --plot, and the router as a hub-ready model. Each against an
 independent oracle: model.generate, render() of the finished trace, a normal
 approximation, the pre-mixin save format."""
+
 import csv
 import io
 import json
@@ -11,12 +12,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_model
 from safetensors.torch import load_file, save_file
 
 import evaluate
 import generate
 import r2r
-from conftest import ROOT, tiny_model
 
 PROMPT = "4837+2956"
 
@@ -28,12 +29,18 @@ def test_txt_prompts_file_decodes_each_line(demo_pair, tmp_path, capsys):
     lines = ["4837+2956", "12+345", "907+88"]
     path = tmp_path / "prompts.txt"
     path.write_text(f"{lines[0]}\n\n{lines[1]}\n   \n{lines[2]}\n")  # blank lines are skipped
-    generate.main(["--prompts-file", str(path), "--mode", "llm", "--max-new-tokens", "12", "--json"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    generate.main(
+        ["--prompts-file", str(path), "--mode", "llm", "--max-new-tokens", "12", "--json"]
+    )
+    rows = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
     assert [r["prompt"] for r in rows] == lines
     for row, line in zip(rows, lines):  # oracle: the LLM's own model.generate on that line
         ids = r2r.encode_prompt(tok, line)
-        out = llm.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[0, len(ids):].tolist()
+        out = llm.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[
+            0, len(ids) :
+        ].tolist()
         assert row["token_ids"] == out
 
 
@@ -41,24 +48,39 @@ def test_prompt_formats(tmp_path):
     (tmp_path / "a.json").write_text('[{"q": "1+2", "answer": 3}, {"q": "4+5"}]')
     (tmp_path / "b.jsonl").write_text('{"prompt": "1+2"}\n\n{"prompt": "4+5", "answer": "9"}\n')
     assert r2r.read_prompts(str(tmp_path / "a.json"), prompt_field="q") == [
-        {"prompt": "1+2", "answer": "3"}, {"prompt": "4+5", "answer": None}]
-    assert r2r.read_prompts(str(tmp_path / "b.jsonl"), limit=1) == [{"prompt": "1+2", "answer": None}]
-    with pytest.raises(r2r.R2RError, match="row 1 has no text in a field 'prompt' .*fields: q, answer"):
+        {"prompt": "1+2", "answer": "3"},
+        {"prompt": "4+5", "answer": None},
+    ]
+    assert r2r.read_prompts(str(tmp_path / "b.jsonl"), limit=1) == [
+        {"prompt": "1+2", "answer": None}
+    ]
+    with pytest.raises(
+        r2r.R2RError, match="row 1 has no text in a field 'prompt' .*fields: q, answer"
+    ):
         r2r.read_prompts(str(tmp_path / "a.json"))
 
 
-@pytest.mark.parametrize("content", [b'{"prompt": "1+2"}\n{"prompt": "4+5"\n', bytes(range(256)) * 4],
-                         ids=["broken-jsonl", "binary"])
+@pytest.mark.parametrize(
+    "content",
+    [b'{"prompt": "1+2"}\n{"prompt": "4+5"\n', bytes(range(256)) * 4],
+    ids=["broken-jsonl", "binary"],
+)
 def test_unreadable_prompts_file_is_one_error_line(tmp_path, content):
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(content)
-    done = subprocess.run([sys.executable, "generate.py", "--prompts-file", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run(
+        [sys.executable, "generate.py", "--prompts-file", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert ("line 2 is not JSON" if content[0] == ord("{") else "not a UTF-8 text file") in lines[0]
     assert ".txt (one prompt per line)" in lines[0]  # says which formats work
+
 
 # ----------------------------------------------------------------------------- streaming
 
@@ -84,8 +106,10 @@ def test_stream_writes_what_render_gives(tok):
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
         n = int(torch.randint(1, 40, (1,), generator=g))
-        trace = r2r.Trace(tokens=torch.randint(0, len(tok), (n,), generator=g).tolist(),
-                          from_llm=(torch.rand(n, generator=g) < 0.3).long().tolist())
+        trace = r2r.Trace(
+            tokens=torch.randint(0, len(tok), (n,), generator=g).tolist(),
+            from_llm=(torch.rand(n, generator=g) < 0.3).long().tolist(),
+        )
         out, grown = Terminal(), r2r.Trace()
         stream = generate.Stream(tok, out)
         for t, w in zip(trace.tokens, trace.from_llm):
@@ -103,13 +127,25 @@ def test_generate_streams_on_a_terminal(demo_pair, monkeypatch):
     generate.main(["--prompt", PROMPT, "--threshold", "0.3"])
     monkeypatch.undo()
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
-    trace = r2r.decode(r2r.EagerEngine(slm, llm, tok), router, r2r.encode_prompt(tok, PROMPT), max_new_tokens=256,
-                       threshold=0.3)
+    trace = r2r.decode(
+        r2r.EagerEngine(slm, llm, tok),
+        router,
+        r2r.encode_prompt(tok, PROMPT),
+        max_new_tokens=256,
+        threshold=0.3,
+    )
     assert 0 < sum(trace.from_llm) < len(trace.tokens)
     text = generate.render(tok, trace, colour=True)
-    assert "\033[1;31m" in text and terminal.getvalue().startswith(f"{text}\n-- {len(trace.tokens)} new tokens")
-    response = [w for w in terminal.writes if w.strip() and not w.startswith(("device", "Loading", "--", "\n"))]
+    assert "\033[1;31m" in text and terminal.getvalue().startswith(
+        f"{text}\n-- {len(trace.tokens)} new tokens"
+    )
+    response = [
+        w
+        for w in terminal.writes
+        if w.strip() and not w.startswith(("device", "Loading", "--", "\n"))
+    ]
     assert len(response) > len(trace.tokens) / 2  # written piece by piece, not at the end
+
 
 # ----------------------------------------------------------------------------- evaluate.py
 
@@ -130,14 +166,20 @@ def test_bootstrap_interval_contains_estimate_and_narrows():
 def evaluated(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
     out, png = str(folder / "rows.json"), str(folder / "pareto.png")
-    rows = evaluate.main(["--limit", "3", "--thresholds", "0", "--max-new-tokens", "64", "--out", out, "--plot", png])
+    rows = evaluate.main(
+        ["--limit", "3", "--thresholds", "0", "--max-new-tokens", "64", "--out", out, "--plot", png]
+    )
     return rows, out, png, folder
 
 
 def test_agreement_is_complete_when_every_token_goes_to_the_llm(evaluated):
     rows = evaluated[0]
     everything = next(r for r in rows if r["method"] == "R2R" and r["threshold"] == 0)
-    assert everything["share"] == 1.0 and everything["identical"] == 1.0 and everything["flipped"] == 0.0
+    assert (
+        everything["share"] == 1.0
+        and everything["identical"] == 1.0
+        and everything["flipped"] == 0.0
+    )
     saved = next(r for r in rows if r["method"] == "R2R (saved)")
     assert 0 < saved["share"] < 0.5
 
@@ -145,13 +187,20 @@ def test_agreement_is_complete_when_every_token_goes_to_the_llm(evaluated):
 def test_agreement_of_the_slm_against_generate(evaluated, demo_pair):
     slm, llm, tok = demo_pair
     identical, flipped = 0, 0
-    for r in r2r.read_prompts(os.path.join(r2r.DEMO, "test.jsonl"), limit=3):  # oracle: unbatched generate
+    for r in r2r.read_prompts(
+        os.path.join(r2r.DEMO, "test.jsonl"), limit=3
+    ):  # oracle: unbatched generate
         ids = r2r.encode_prompt(tok, r["prompt"])
-        a, b = (m.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64)[0, len(ids):].tolist()
-                for m in (slm, llm))
+        a, b = (
+            m.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64)[
+                0, len(ids) :
+            ].tolist()
+            for m in (slm, llm)
+        )
         identical += a == b
-        flipped += (evaluate.extract_answer(tok.decode(a, skip_special_tokens=True))
-                    != evaluate.extract_answer(tok.decode(b, skip_special_tokens=True)))
+        flipped += evaluate.extract_answer(
+            tok.decode(a, skip_special_tokens=True)
+        ) != evaluate.extract_answer(tok.decode(b, skip_special_tokens=True))
     row = next(r for r in evaluated[0] if r["method"] == "SLM only")
     assert (row["identical"], row["flipped"]) == (identical / 3, flipped / 3)
 
@@ -173,6 +222,7 @@ def test_out_round_trips(evaluated):
 
 def test_plot_is_an_image_with_every_series(evaluated):
     import matplotlib.image
+
     rows, _, png, folder = evaluated
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
@@ -185,13 +235,16 @@ def test_plot_without_matplotlib_is_one_line(monkeypatch):
     with pytest.raises(r2r.R2RError, match="--plot needs matplotlib"):
         evaluate.parse_args(["--plot", "pareto.png"])
 
+
 # ----------------------------------------------------------------------------- the router on the hub
 
 
 def test_save_pretrained_from_pretrained_identical_scores(tmp_path, tok):
     slm = tiny_model("llama", tok, 1, 32)
     torch.manual_seed(0)
-    router = r2r.Router(32, top_k=8, width=16, n_blocks=2, threshold=0.25, slm=r2r.fingerprint(slm, tok)).eval()
+    router = r2r.Router(
+        32, top_k=8, width=16, n_blocks=2, threshold=0.25, slm=r2r.fingerprint(slm, tok)
+    ).eval()
     router.config["threshold"] = 0.3  # set after training, as train_router.py does
     router.save_pretrained(tmp_path / "r")
     assert {"model.safetensors", "config.json"} <= set(os.listdir(tmp_path / "r"))
@@ -209,10 +262,15 @@ def test_save_pretrained_from_pretrained_identical_scores(tmp_path, tok):
 
 def test_router_folders_of_the_previous_format_still_load(tmp_path, tok, demo_pair):
     slm = tiny_model("llama", tok, 1, 32)
-    router = r2r.Router(32, top_k=8, width=16, n_blocks=1, threshold=0.4, slm=r2r.fingerprint(slm, tok)).eval()
+    router = r2r.Router(
+        32, top_k=8, width=16, n_blocks=1, threshold=0.4, slm=r2r.fingerprint(slm, tok)
+    ).eval()
     folder = tmp_path / "old"
     folder.mkdir()  # exactly what save_router wrote before the hub mixin
-    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in router.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
     with open(folder / "config.json", "w") as f:
         json.dump(router.config, f, indent=2)
     x = (torch.randn(5, 32), torch.randn(5, 8), torch.randn(5, 32))

@@ -1,15 +1,16 @@
 """train_router.py on synthetic labels whose answer is known, and the router's save/load."""
+
 import json
 import os
 
 import datasets
 import pytest
 import torch
+from conftest import tiny_model
 
 import label
 import r2r
 import train_router
-from conftest import tiny_model
 
 H = 32
 
@@ -23,15 +24,26 @@ def write_labels(folder, tok, n_prompts=200, positions=20, separable=True, seed=
     tok.save_pretrained(os.path.join(folder, "slm"))
     g = torch.Generator().manual_seed(seed)
     n = n_prompts * positions
-    y = (torch.rand(n, generator=g) < 0.05).long() if separable else torch.zeros(n, dtype=torch.long)
+    y = (
+        (torch.rand(n, generator=g) < 0.05).long()
+        if separable
+        else torch.zeros(n, dtype=torch.long)
+    )
     hidden = torch.randn(n, H, generator=g)
     hidden[:, 0] += 4 * y
-    rows = dict(prompt_id=torch.arange(n_prompts).repeat_interleave(positions).tolist(),
-                position=torch.arange(positions).repeat(n_prompts).tolist(),
-                slm_token=torch.randint(0, len(tok), (n,), generator=g).tolist(), llm_token=[0] * n,
-                kind=["divergent" if v else "identical" for v in y.tolist()], label=y.tolist(),
-                hidden=hidden.tolist(), topk=torch.randn(n, 8, generator=g).sort(descending=True).values.tolist())
-    datasets.Dataset.from_dict(rows, features=label.FEATURES).save_to_disk(os.path.join(folder, "shards", "00000"))
+    rows = dict(
+        prompt_id=torch.arange(n_prompts).repeat_interleave(positions).tolist(),
+        position=torch.arange(positions).repeat(n_prompts).tolist(),
+        slm_token=torch.randint(0, len(tok), (n,), generator=g).tolist(),
+        llm_token=[0] * n,
+        kind=["divergent" if v else "identical" for v in y.tolist()],
+        label=y.tolist(),
+        hidden=hidden.tolist(),
+        topk=torch.randn(n, 8, generator=g).sort(descending=True).values.tolist(),
+    )
+    datasets.Dataset.from_dict(rows, features=label.FEATURES).save_to_disk(
+        os.path.join(folder, "shards", "00000")
+    )
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(dict(slm=os.path.join(folder, "slm"), fingerprint=r2r.fingerprint(slm, tok)), f)
     return slm
@@ -40,8 +52,24 @@ def write_labels(folder, tok, n_prompts=200, positions=20, separable=True, seed=
 def test_separable_positives_reach_recall_at_small_share(tmp_path, tok):
     slm = write_labels(str(tmp_path / "labels"), tok)
     out = str(tmp_path / "router")
-    metrics = train_router.main(["--labels", str(tmp_path / "labels"), "--out", out, "--epochs", "15", "--width",
-                                 "32", "--blocks", "1", "--batch-size", "256", "--lr", "3e-3"])
+    metrics = train_router.main(
+        [
+            "--labels",
+            str(tmp_path / "labels"),
+            "--out",
+            out,
+            "--epochs",
+            "15",
+            "--width",
+            "32",
+            "--blocks",
+            "1",
+            "--batch-size",
+            "256",
+            "--lr",
+            "3e-3",
+        ]
+    )
     # Measured on held-out prompts that chose neither the weights nor the threshold; planted
     # positives are 5% of positions, so a share near 5% means few false alarms.
     held_out = metrics["test"]
@@ -57,33 +85,48 @@ def test_separable_positives_reach_recall_at_small_share(tmp_path, tok):
 
 def test_save_load_gives_identical_scores(tmp_path, tok):
     slm = tiny_model("llama", tok, 1, H)
-    router = r2r.Router(H, top_k=8, width=16, n_blocks=2, threshold=0.3, slm=r2r.fingerprint(slm, tok)).eval()
+    router = r2r.Router(
+        H, top_k=8, width=16, n_blocks=2, threshold=0.3, slm=r2r.fingerprint(slm, tok)
+    ).eval()
     train_router.save_router(router, str(tmp_path / "r"))
     loaded = r2r.load_router(str(tmp_path / "r"), slm, tok)
     x = (torch.randn(5, H), torch.randn(5, 8), torch.randn(5, H))
     assert torch.equal(router(*x), loaded(*x)) and loaded.threshold == 0.3
-    other = tiny_model("llama", tok, 1, H, seed=7)  # same shape, other weights: a warning, not an error
+    other = tiny_model(
+        "llama", tok, 1, H, seed=7
+    )  # same shape, other weights: a warning, not an error
     r2r.load_router(str(tmp_path / "r"), other, tok)
 
 
 def test_split_is_by_prompt():
-    prompt_ids = torch.arange(50).repeat_interleave(7)[torch.randperm(350, generator=torch.Generator().manual_seed(0))]
+    prompt_ids = torch.arange(50).repeat_interleave(7)[
+        torch.randperm(350, generator=torch.Generator().manual_seed(0))
+    ]
     split = train_router.split_by_prompt(prompt_ids, 0.2, 0.1, seed=0)
     train, val, test = (set(prompt_ids[i].tolist()) for i in split)
     assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
     assert (len(train), len(val), len(test)) == (35, 10, 5)
-    assert sorted(torch.cat(list(split)).tolist()) == list(range(350))  # every position in exactly one split
+    assert sorted(torch.cat(list(split)).tolist()) == list(
+        range(350)
+    )  # every position in exactly one split
 
 
 def test_threshold_rules():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
     labels = torch.tensor([1, 0, 1, 0, 0, 1, 0, 0, 0, 0])
     t = train_router.threshold_for_recall(scores, labels, 0.95)
-    assert t == pytest.approx(0.4) and train_router.recall_share(scores, labels, t) == (1.0, pytest.approx(0.6))
-    assert train_router.threshold_for_recall(scores, labels, 0.6) == pytest.approx(0.7)  # 2 of 3 positives
+    assert t == pytest.approx(0.4) and train_router.recall_share(scores, labels, t) == (
+        1.0,
+        pytest.approx(0.6),
+    )
+    assert train_router.threshold_for_recall(scores, labels, 0.6) == pytest.approx(
+        0.7
+    )  # 2 of 3 positives
     assert train_router.threshold_for_share(scores, 0.3) == pytest.approx(0.7)
     assert train_router.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
-    assert train_router.auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1, 0, 0])) == 0.75  # a tie counts half
+    assert (
+        train_router.auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1, 0, 0])) == 0.75
+    )  # a tie counts half
     big = torch.rand(20000, generator=torch.Generator().manual_seed(0))
     assert train_router.auc(big, (big > 0.5).long()) == pytest.approx(1.0)
     assert train_router.auc(big, torch.randint(0, 2, (20000,))) == pytest.approx(0.5, abs=0.02)
