@@ -247,12 +247,11 @@ def engine_table(slm, llm, tok, router, prompts, args, bw, **kw):
     runs = {e: run_engine(slm, llm, tok, router, prompts, e, args, **kw) for e in args.engines}
     traces = runs[args.engines[-1]][0]["r2r"]
     share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
-    calls = [g for t in traces for g in t.catch_up[1:]]  # the first call also reads the prompt
     floor["r2r"] = floor["slm"] + share * floor["llm"]
     weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
     print(
         f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
-        f"tokens; R2R LLM share {share:.1%}, mean catch-up {sum(calls) / max(len(calls), 1):.1f} tokens; "
+        f"tokens; R2R LLM share {share:.1%}, mean catch-up {r2r.Trace.join(traces).mean_catch_up:.1f} tokens; "
         f"{args.repeats} runs, ms: median (min-max); peak: {'CUDA' if slm.device.type == 'cuda' else 'process RSS'}"
     )
     print(
@@ -307,7 +306,7 @@ def step_times(engine, context, reps, parts):
     engine.start(
         None,
         [0] * context,
-        route=False,
+        use_router=False,
         threshold=0.0,
         temperature=0.0,
         top_p=1.0,
@@ -427,7 +426,7 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
         tps = {m: spread(x, digits=0) for m, x in speed.items()}
         print(
             f"| {B} | {tps['slm']} | {tps['llm']} | {tps['r2r']} | {s:.1%} "
-            f"| {sum(len(run.calls) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
+            f"| {sum(len(run.gaps) for run in runs) / steps:.1%} | {1 - (1 - s) ** B:.1%} "
             f"| {sum(1 - (1 - s) ** b for b in live) / steps:.1%} | "
             f"{statistics.median(speed['r2r']) / statistics.median(speed['llm']):.2f}x |"
         )

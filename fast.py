@@ -8,7 +8,7 @@ catch-up bucket; each layer keeps its length as a device tensor, so one function
 static cache reads every slot, live or not: every pass here names a context bucket (min_context, 2x, 4x, ..., the
 buffer: the smallest that holds the live length), and an attention function registered with transformers
 (ATTENTION) slices keys, values and mask to it (what it drops is masked anyway). Steps 1-2 (SLM step, candidate,
-router score against a threshold held in a device tensor) are ONE function of the token fed: per token the host
+router score against a threshold held in a device tensor) are ONE function of the token read: per token the host
 fills one number, replays one graph and reads back two (token, routed). Step 3 pads the gap to a power of two
 (1, 2, 4, ... max_bucket): the padding writes junk K/V past the gap, which no query attends to (the mask is causal)
 and the next real tokens overwrite; each layer's length is set back to the real one inside the function, and the
@@ -153,12 +153,12 @@ class FastEngine(r2r.EagerEngine):
             m.set_attn_implementation(ATTENTION)
         self.slm_cache = StaticCache(config=slm.config, max_cache_len=slots)
         self.llm_cache = StaticCache(config=llm.config, max_cache_len=slots)
-        self.fed = torch.zeros(
+        self.fresh = torch.zeros(
             1, 1, dtype=torch.long, device=slm.device
         )  # (1, 1) the token the SLM reads next
         self.u_slm = torch.zeros(1, device=slm.device)  # (1,) the uniform of the SLM's next pick
         self.u_llm = torch.zeros(1, device=llm.device)  # (1,) the same for the LLM's
-        self.cut = torch.zeros(
+        self.threshold = torch.zeros(
             (),
             dtype=torch.float32 if slm.device.type == "mps" else torch.float64,
             device=slm.device,
@@ -190,16 +190,30 @@ class FastEngine(r2r.EagerEngine):
         return next(c for c in self.contexts if c >= n)
 
     def start(
-        self, router, prompt_ids, *, route, threshold, temperature, top_p, generator, max_new_tokens
+        self,
+        router,
+        prompt_ids,
+        *,
+        use_router,
+        threshold,
+        temperature,
+        top_p,
+        generator,
+        max_new_tokens,
     ):
         if len(prompt_ids) + max_new_tokens > self.size:
             raise r2r.R2RError(
                 f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the fast engine's "
                 f"{self.size}: build it with a larger max_tokens, or use --engine eager"
             )
-        self.router, self.route, self.temperature, self.top_p = router, route, temperature, top_p
+        self.router, self.use_router, self.temperature, self.top_p = (
+            router,
+            use_router,
+            temperature,
+            top_p,
+        )
         self.generator = generator
-        self.cut.fill_(threshold if route else 0)
+        self.threshold.fill_(threshold if use_router else 0)
         for layer in (
             self.slm_cache.layers + self.llm_cache.layers
         ):  # a new prompt: the old slots are junk now
@@ -210,23 +224,23 @@ class FastEngine(r2r.EagerEngine):
         if self.temperature:
             u.copy_(r2r.uniforms([self.generator], u.device))
 
-    def propose(self, fed):
+    def propose(self, fresh):
         """Steps 1-2: the prompt's prefill runs uncaptured (any length), each later token in one function."""
         self.draw(self.u_slm)
         if self.slm_seen == 0:  # after what the cache holds: nothing, or a context bench.py filled
             self.slm_seen = int(self.slm_cache.get_seq_length())
-            ids = torch.tensor([fed], device=self.slm.device)  # (1, T)
-            hidden = attend(self.slm, ids, self.slm_cache, self.bucket(self.slm_seen + len(fed)))[
+            ids = torch.tensor([fresh], device=self.slm.device)  # (1, T)
+            hidden = attend(self.slm, ids, self.slm_cache, self.bucket(self.slm_seen + len(fresh)))[
                 :, -1
             ]  # (1, H)
             logits = self.slm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
-            out = self._decide(hidden, logits, self.route, self.temperature, self.top_p)
+            out = self._decide(hidden, logits, self.use_router, self.temperature, self.top_p)
         else:
-            self.fed.fill_(fed[0])
+            self.fresh.fill_(fresh[0])
             out = self._slm_fn(
-                self.bucket(self.slm_seen + 1), self.route, self.temperature, self.top_p
+                self.bucket(self.slm_seen + 1), self.use_router, self.temperature, self.top_p
             )()
-        self.slm_seen += len(fed)
+        self.slm_seen += len(fresh)
         token, routed = out.tolist()
         return r2r.Proposal(token, bool(routed))
 
@@ -253,26 +267,36 @@ class FastEngine(r2r.EagerEngine):
         self.llm_seen += len(gap)
         return token
 
-    def _decide(self, hidden, logits, route, temperature, top_p):
+    def _decide(self, hidden, logits, use_router, temperature, top_p):
         """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V) -> (2,): candidate, routed."""
         token = r2r.sample(logits, temperature, top_p, self.u_slm)  # (1,)
-        if not route:
+        if not use_router:
             return torch.cat([token, torch.zeros_like(token)])
         feats = r2r.router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])
         return torch.cat(
-            [token, (torch.sigmoid(self.router(*feats)).to(self.cut) >= self.cut).long()]
+            [
+                token,
+                (torch.sigmoid(self.router(*feats)).to(self.threshold) >= self.threshold).long(),
+            ]
         )
 
-    def _slm_fn(self, context, route, temperature, top_p):
-        """Steps 1-2 for the token in self.fed, as one captured function -> (2,): candidate, routed."""
+    def _slm_fn(self, context, use_router, temperature, top_p):
+        """Steps 1-2 for the token in self.fresh, as one captured function -> (2,): candidate, routed."""
 
         def fn():
-            hidden = attend(self.slm, self.fed, self.slm_cache, context)[:, -1]  # (1, H)
+            hidden = attend(self.slm, self.fresh, self.slm_cache, context)[:, -1]  # (1, H)
             logits = self.slm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
-            return self._decide(hidden, logits, route, temperature, top_p)
+            return self._decide(hidden, logits, use_router, temperature, top_p)
 
         return self._captured(
-            ("slm", context, route, temperature, top_p, id(self.router) if route else None),
+            (
+                "slm",
+                context,
+                use_router,
+                temperature,
+                top_p,
+                id(self.router) if use_router else None,
+            ),
             fn,
             True,
         )

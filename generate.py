@@ -205,7 +205,7 @@ def summarize(trace, p_slm, p_llm):
     return dict(
         new_tokens=len(trace.tokens),
         llm_share=trace.llm_share,
-        llm_calls=len(trace.catch_up),
+        llm_calls=len(trace.gaps),
         mean_catch_up=trace.mean_catch_up,
         tokens_per_s=len(trace.tokens) / max(trace.seconds, 1e-9),
         activated_params=trace.activated_params(p_slm, p_llm),

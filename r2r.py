@@ -188,6 +188,13 @@ def uniforms(generators, device):
     ).to(device)
 
 
+def mean_catch_up(gaps):
+    """Mean new tokens an LLM call read (its gap), leaving out a first call that read only the
+    prompt: [0, 3, 5] -> 4.0. The one definition behind every "mean catch-up" r2r prints."""
+    gaps = [g for g in gaps if g]
+    return sum(gaps) / max(len(gaps), 1)
+
+
 class Proposal(NamedTuple):
     """What steps 1-2 give the loop: the SLM's candidate and whether the router sends it to the LLM."""
 
@@ -197,18 +204,19 @@ class Proposal(NamedTuple):
 
 @dataclass
 class Trace:
-    """One decode: new tokens, who wrote each (1 = LLM), new tokens each LLM call caught up on, seconds."""
+    """One decode: new tokens, who wrote each (1 = LLM), the gap each LLM call read (new tokens
+    only), seconds."""
 
     tokens: list = field(default_factory=list)
     from_llm: list = field(default_factory=list)
-    catch_up: list = field(default_factory=list)
+    gaps: list = field(default_factory=list)
     seconds: float = 0.0
     llm_read: int = 0  # new tokens the LLM had read at its last call
 
     def commit(self, token, routed):
         """Step 4: the token joins the response; an LLM call read every token before it."""
         if routed:
-            self.catch_up.append(len(self.tokens) - self.llm_read)
+            self.gaps.append(len(self.tokens) - self.llm_read)
             self.llm_read = len(self.tokens)
         self.tokens.append(token)
         self.from_llm.append(int(routed))
@@ -220,8 +228,7 @@ class Trace:
     @property
     def mean_catch_up(self):
         """New tokens per LLM call, leaving out a first call that read only the prompt."""
-        gaps = [g for g in self.catch_up if g]
-        return sum(gaps) / max(len(gaps), 1)
+        return mean_catch_up(self.gaps)
 
     def activated_params(self, p_slm, p_llm):
         """Average activated parameters per token, the authors' formula: (n_slm P_slm + n_llm P_llm) / n."""
@@ -234,7 +241,7 @@ class Trace:
         return cls(
             [t for x in traces for t in x.tokens],
             [f for x in traces for f in x.from_llm],
-            [g for x in traces for g in x.catch_up],
+            [g for x in traces for g in x.gaps],
             sum(x.seconds for x in traces),
         )
 
@@ -262,24 +269,33 @@ class EagerEngine:
         )
 
     def start(
-        self, router, prompt_ids, *, route, threshold, temperature, top_p, generator, max_new_tokens
+        self,
+        router,
+        prompt_ids,
+        *,
+        use_router,
+        threshold,
+        temperature,
+        top_p,
+        generator,
+        max_new_tokens,
     ):
         """A new prompt: empty caches (they grow as needed), and how steps 1-3 decide and pick."""
         self.slm_cache, self.llm_cache = DynamicCache(), DynamicCache()
-        self.router, self.route, self.threshold = router, route, threshold
+        self.router, self.use_router, self.threshold = router, use_router, threshold
         self.temperature, self.top_p = temperature, top_p
         self.uniforms = lambda device: (
             uniforms([generator], device) if temperature else None
         )  # (1,) or greedy
 
-    def propose(self, fed):
-        """Steps 1-2: the SLM reads the token ids `fed` and proposes a candidate; the router decides."""
+    def propose(self, fresh):
+        """Steps 1-2: the SLM reads the token ids `fresh` and proposes a candidate; the router decides."""
         hidden, logits = slm_step(
-            self.slm, torch.tensor([fed]), self.slm_cache, self.vocab_size
+            self.slm, torch.tensor([fresh]), self.slm_cache, self.vocab_size
         )  # (1, H), (1, V)
         token = sample(logits, self.temperature, self.top_p, self.uniforms(logits.device))  # (1,)
         routed = (
-            self.route
+            self.use_router
             and route(self.router, self.slm, hidden, logits, token, self.threshold).item()
         )
         return Proposal(token.item(), routed)
@@ -325,7 +341,7 @@ def decode(
 ):
     """R2R's mixed decoding (Stage 3) of one prompt over `engine` -> Trace; mode "slm"/"llm" sends every token to one
     model. After n commits the SLM cache holds prompt + n-1 new tokens (it reads the last next step), the LLM cache
-    prompt + new tokens up to its last call, `pending` the rest: no cache holds an uncommitted token, nothing rolls
+    prompt + new tokens up to its last call, `gap` the rest: no cache holds an uncommitted token, nothing rolls
     back. Stops after an id in `eos` (default: the engine's), max_new_tokens or the last position. After each step:
     on_step(slm_cache, llm_cache, [trace]), for streaming and tests."""
     threshold, eos = decode_defaults(engine, router, threshold, eos)
@@ -333,25 +349,28 @@ def decode(
     engine.start(
         router,
         prompt_ids,
-        route=mode == "r2r",
+        use_router=mode == "r2r",
         threshold=threshold,
         temperature=temperature,
         top_p=top_p,
         generator=generator,
         max_new_tokens=n_new,
     )
-    trace, fed, pending, t0 = Trace(), list(prompt_ids), list(prompt_ids), time.perf_counter()
+    trace = Trace()
+    # The SLM reads `fresh` at its next step; the LLM reads `gap` at its next call.
+    fresh, gap = list(prompt_ids), list(prompt_ids)
+    t0 = time.perf_counter()
     for _ in range(n_new):
         # 1.-2. The SLM reads what it has not seen and proposes a candidate; the router decides.
-        token, routed = engine.propose(fed) if mode != "llm" else Proposal(None, True)
+        token, routed = engine.propose(fresh) if mode != "llm" else Proposal(None, True)
         # 3. Routed: the LLM catches up on the gap in one pass, and its token replaces the candidate.
         if routed:
-            token = engine.catch_up(pending)
-            pending = []
+            token = engine.catch_up(gap)
+            gap = []
         # 4. Commit: the token joins the response; each model reads it at its next call.
         trace.commit(token, routed)
-        pending.append(token)
-        fed = [token]
+        gap.append(token)
+        fresh = [token]
         if on_step is not None:
             on_step(engine.slm_cache, engine.llm_cache, [trace])
         if token in eos:
@@ -377,7 +396,7 @@ class BatchTrace:
 
     traces: list
     steps: int = 0
-    calls: list = field(default_factory=list)
+    gaps: list = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -440,7 +459,7 @@ def decode_batch(
         # 3. One LLM catch-up for the whole batch; only the routed rows take its token.
         if any(routed):
             s = llm_cache.get_seq_length()
-            batch.calls.append(ids.shape[1] - max(s, T))
+            batch.gaps.append(ids.shape[1] - max(s, T))
             logits = catch_up(
                 llm, ids[:, s:], llm_cache, attention_mask=mask, position_ids=pos[:, s:]
             )  # (b, V)

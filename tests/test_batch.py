@@ -54,9 +54,9 @@ def test_rows_equal_their_batch1_decode(pair, tok, mode):
             "the test needs both models"
         )
     for b, (w, g) in enumerate(zip(want, got.traces)):
-        assert (g.tokens, g.from_llm, g.catch_up) == (w.tokens, w.from_llm, w.catch_up), f"row {b}"
+        assert (g.tokens, g.from_llm, g.gaps) == (w.tokens, w.from_llm, w.gaps), f"row {b}"
     assert got.steps == max(lengths)
-    assert len(got.calls) == {"slm": 0, "llm": got.steps}.get(mode, len(got.calls))
+    assert len(got.gaps) == {"slm": 0, "llm": got.steps}.get(mode, len(got.gaps))
 
 
 def test_sampled_rows_equal_batch1_with_the_same_generators(pair, tok):
@@ -169,7 +169,7 @@ def test_demo_pair_rows_equal_batch1(demo_pair):
     )
     assert sum(sum(t.from_llm) for t in want) > 0
     for w, g in zip(want, got):
-        assert (g.tokens, g.from_llm, g.catch_up) == (w.tokens, w.from_llm, w.catch_up)
+        assert (g.tokens, g.from_llm, g.gaps) == (w.tokens, w.from_llm, w.gaps)
 
 
 # ----------------------------------------------------------------------------- the scripts

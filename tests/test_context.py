@@ -58,7 +58,7 @@ def engine(slm, llm, tok, min_context=LADDER):
 
 
 def same(a, b):
-    return (a.tokens, a.from_llm, a.catch_up) == (b.tokens, b.from_llm, b.catch_up)
+    return (a.tokens, a.from_llm, a.gaps) == (b.tokens, b.from_llm, b.gaps)
 
 
 @pytest.mark.parametrize("mode", ["r2r", "slm", "llm"])

@@ -769,12 +769,12 @@ def test_mean_catch_up_counts_only_gaps_after_the_prompt(random_pair, capsys):
         mode="llm",
     )
     assert (
-        trace.catch_up == [0, 1, 1, 1, 1] and trace.mean_catch_up == 1.0
+        trace.gaps == [0, 1, 1, 1, 1] and trace.mean_catch_up == 1.0
     )  # the first call read the prompt only
     by_hand = r2r.Trace()
     for token, routed in zip(range(8), [0, 0, 1, 0, 1, 1, 0, 0]):
         by_hand.commit(token, routed)
-    assert by_hand.catch_up == [2, 2, 1] and by_hand.mean_catch_up == pytest.approx(
+    assert by_hand.gaps == [2, 2, 1] and by_hand.mean_catch_up == pytest.approx(
         5 / 3
     )  # the gaps it read
     generate.main(

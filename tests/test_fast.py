@@ -49,13 +49,13 @@ def test_fast_equals_eager_with_catch_ups_of_every_length(pair, tok, mode):
     slm, llm = pair
     ids = r2r.encode_prompt(tok, PROMPT)
     eager, fast = both(slm, llm, ScheduleRouter, tok, ids, max_new_tokens=30, mode=mode, eos=set())
-    assert (fast.tokens, fast.from_llm, fast.catch_up) == (
+    assert (fast.tokens, fast.from_llm, fast.gaps) == (
         eager.tokens,
         eager.from_llm,
-        eager.catch_up,
+        eager.gaps,
     )
     if mode == "r2r":
-        assert set(range(1, BUCKET + 3)) <= set(eager.catch_up), (
+        assert set(range(1, BUCKET + 3)) <= set(eager.gaps), (
             "the test needs gaps of 1 to past the largest bucket"
         )
 
@@ -73,10 +73,10 @@ def test_fast_equals_eager_at_router_thresholds(pair, tok, threshold):
         max_new_tokens=40,
         eos=set(),
     )
-    assert (fast.tokens, fast.from_llm, fast.catch_up) == (
+    assert (fast.tokens, fast.from_llm, fast.gaps) == (
         eager.tokens,
         eager.from_llm,
-        eager.catch_up,
+        eager.gaps,
     )
 
 
@@ -88,10 +88,10 @@ def test_demo_pair_fast_equals_eager(demo_pair, mode):
     eager, fast = both(
         slm, llm, lambda: router, tok, ids, max_new_tokens=100, mode=mode, threshold=0.3
     )
-    assert (fast.tokens, fast.from_llm, fast.catch_up) == (
+    assert (fast.tokens, fast.from_llm, fast.gaps) == (
         eager.tokens,
         eager.from_llm,
-        eager.catch_up,
+        eager.gaps,
     )
     assert mode != "r2r" or 0 < sum(fast.from_llm) < len(fast.tokens)
     assert fast.tokens[-1] == tok.eos_token_id and len(fast.tokens) < 100, (
@@ -173,7 +173,7 @@ def test_padded_catch_up_logits_equal_full_recompute(pair, tok, monkeypatch):
                 layer.cumulative_length.copy_(n)
 
     trace = r2r.decode(eng, ScheduleRouter(), ids, max_new_tokens=30, eos=set(), on_step=check)
-    assert set(range(1, BUCKET + 3)) <= set(trace.catch_up)
+    assert set(range(1, BUCKET + 3)) <= set(trace.gaps)
     assert len(errors) >= 12 and max(errors) < 1e-4
 
 
@@ -289,10 +289,10 @@ def test_warm_up_leaves_no_trace_at_the_end_of_full_buffers(pair, tok):
     assert torch.equal(eng.router.generator.get_state(), state)
     eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), router(), ids, max_new_tokens=n, eos=set())
     got = r2r.decode(eng, router(), ids, max_new_tokens=n, eos=set())
-    assert (got.tokens, got.from_llm, got.catch_up) == (
+    assert (got.tokens, got.from_llm, got.gaps) == (
         eager.tokens,
         eager.from_llm,
-        eager.catch_up,
+        eager.gaps,
     )
     assert 0 < sum(got.from_llm) < n
 
@@ -306,11 +306,11 @@ def test_max_bucket_that_is_not_a_power_of_two(pair, tok):
         r2r.EagerEngine(slm, llm, tok), ScheduleRouter(), ids, max_new_tokens=30, eos=set()
     )
     got = r2r.decode(eng, ScheduleRouter(), ids, max_new_tokens=30, eos=set())
-    assert eng.buckets == [1, 2, 4] and {5, 6} <= set(got.catch_up)
-    assert (got.tokens, got.from_llm, got.catch_up) == (
+    assert eng.buckets == [1, 2, 4] and {5, 6} <= set(got.gaps)
+    assert (got.tokens, got.from_llm, got.gaps) == (
         eager.tokens,
         eager.from_llm,
-        eager.catch_up,
+        eager.gaps,
     )
 
 
