@@ -1,23 +1,29 @@
 """
-bench.py: R2R's speed at batch size 1 in both engines, against LLM only and against the floors that reading
-the weights (per step) and the KV cache (per token of context) set.
+bench.py: R2R's speed at batch size 1 in both engines, against LLM only and against the floors that
+reading the weights (per step) and the KV cache (per token of context) set.
 
     python bench.py                                   # the demo pair (or --slm/--llm/--router)
-    python bench.py --pair qwen3-0.6b+1.7b --contexts 300 4096 --buffers 1024 16384  # real sizes, CPU (docs/speed.md)
     python bench.py --pair r1-1.5b+32b --share 0.13   # random weights of the paper's sizes (GPU)
     python bench.py --batch-sizes 1 2 4 8 16          # R2R against LLM only as the batch grows
+    # real sizes on a CPU (docs/speed.md)
+    python bench.py --pair qwen3-0.6b+1.7b --contexts 300 4096 --buffers 1024 16384
 
-Per engine (r2r.EagerEngine; fast.FastEngine) and mode (SLM only, LLM only, R2R): ms per new token, the first
-step (the prompt's prefill) timed apart, each figure the median of --repeats runs with min and max; R2R's speedup
-over LLM only; the floor (weight bytes over a bandwidth measured in the same run: a step reads every weight once);
-capture seconds (once, untimed); peak memory against the weights; a prediction, SLM step + s x LLM step at LLM
-share s; how many greedy tokens the engines share (all, in fp32). --contexts: per engine, the SLM step, LLM step
-and a catch-up of 8 at each context, and their slopes in ms per 1K tokens against the floor of reading the KV
-cache; the caches are filled with zeros, not a prompt (a step costs the same whatever they hold; a 4K-token
-prefill of a 1.7B model takes minutes on a CPU). --buffers: the fast engine's SLM step at the first context,
-buffers of each size, over context buckets and over one. --pair: random weights from published configs and a
-random router sending --share of the tokens to the LLM (the paper: about 13%). --batch-sizes: instead, tokens
-per second of each mode by batch size B (r2r.decode_batch), and the steps that called the LLM: 1-(1-s)^B at s.
+Per engine (r2r.EagerEngine; fast.FastEngine) and mode (SLM only, LLM only, R2R): ms per new token,
+the first step (the prompt's prefill) timed apart, each figure the median of --repeats runs with min
+and max; R2R's speedup over LLM only; the floor (weight bytes over a bandwidth measured in the same
+run: a step reads every weight once); capture seconds (once, untimed); peak memory against the
+weights; a prediction, SLM step + s x LLM step at LLM share s; how many greedy tokens the engines
+share (all, in fp32).
+
+--contexts: per engine, the SLM step, LLM step and a catch-up of 8 at each context, and their slopes
+in ms per 1K tokens against the floor of reading the KV cache; the caches are filled with zeros, not
+a prompt (a step costs the same whatever they hold; a 4K-token prefill of a 1.7B model takes minutes
+on a CPU). --buffers: the fast engine's SLM step at the first context, buffers of each size, over
+context buckets and over one.
+
+--pair: random weights from published configs and a random router sending --share of the tokens to
+the LLM (the paper: about 13%). --batch-sizes: instead, tokens per second of each mode by batch size
+B (r2r.decode_batch), and the steps that called the LLM: 1-(1-s)^B at s.
 """
 
 import gc
@@ -103,19 +109,22 @@ CONFIGS = {
 PAIRS = {
     "r1-1.5b+32b": ("r1-1.5b", "r1-32b"),
     "qwen3-0.6b+8b": ("qwen3-0.6b", "qwen3-8b"),
+    # fits a 24 GB CPU machine in fp32
     "qwen3-0.6b+1.7b": ("qwen3-0.6b", "qwen3-1.7b"),
-}  # fits a 24 GB CPU machine in fp32
+}
 MODES = ("slm", "llm", "r2r")
-GAP = 8  # tokens of the catch-up timed at each context: about the mean gap at a 13% LLM share
+# Tokens of the catch-up timed at each context: about the mean gap at a 13% LLM share.
+GAP = 8
 
 
 def measure(fn, device, reps, warm=1):
-    """Seconds of each of `reps` calls of fn(), after `warm` untimed ones. Each call is waited for: the decode
-    loop must read every result before it can take its next decision, so on a GPU the host's launch time and the
-    kernels' run time add up rather than overlap."""
+    """Seconds of each of `reps` calls of fn(), after `warm` untimed ones. Each call is waited for:
+    the decode loop must read every result before it can take its next decision, so on a GPU the
+    host's launch time and the kernels' run time add up rather than overlap."""
     for _ in range(warm):
         fn()
-    r2r.elapsed(0.0, device)  # what the warm-up queued has run
+    # Wait until what the warm-up queued has run.
+    r2r.elapsed(0.0, device)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -126,11 +135,13 @@ def measure(fn, device, reps, warm=1):
 
 def spread(xs, scale=1.0, digits=2):
     """Repeated measurements as their median with min and max, as benchmark tools print them."""
-    return f"{scale * statistics.median(xs):.{digits}f} ({scale * min(xs):.{digits}f}-{scale * max(xs):.{digits}f})"
+    mid, lo, hi = scale * statistics.median(xs), scale * min(xs), scale * max(xs)
+    return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 class Vocab:
-    """A tokenizer's length (151,643 ids in these Qwen families) and no EOS: what random-weight pairs need of one."""
+    """A tokenizer's length (151,643 ids in these Qwen families) and no EOS:
+    what random-weight pairs need of one."""
 
     eos_token_id = None
 
@@ -151,65 +162,66 @@ def random_pair(name, device, dtype):
 
 
 def bandwidth(device):
-    """Bytes per second of a device copy, read and written (the median of 10): what the floors divide by."""
-    x = torch.empty(
-        2**28 if device.type == "cuda" else 2**25, device=device
-    )  # (n,) fp32: 1 GiB, 128 MiB off CUDA
+    """Bytes per second of a device copy, read and written (the median of 10):
+    what the floors divide by."""
+    # fp32: 1 GiB, 128 MiB off CUDA
+    x = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)  # (n,)
     y = torch.empty_like(x)
-    return (
-        2
-        * x.numel()
-        * x.element_size()
-        / statistics.median(measure(lambda: y.copy_(x), device, 10))
-    )
+    seconds = statistics.median(measure(lambda: y.copy_(x), device, 10))
+    return 2 * x.numel() * x.element_size() / seconds
 
 
 def weight_bytes(model):
-    """Bytes a decode step reads: every weight, but only one row of an input embedding that is not the lm_head."""
+    """Bytes a decode step reads: every weight, but only one row of an input
+    embedding that is not the lm_head."""
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     unread = 0 if emb is head else emb.numel() * emb.element_size()
     return sum(p.numel() * p.element_size() for p in model.parameters()) - unread
 
 
 def run_engine(slm, llm, tok, router, prompts, kind, args, **kw):
-    """SLM only, LLM only and R2R through one engine, --repeats times: per mode its traces, ms per token of each
-    run and seconds of each decode's first step (the prefill); capture seconds; peak bytes."""
-    engine = fast.pick_engine(
-        slm, llm, tok, kind=kind, max_tokens=max(map(len, prompts)) + args.max_new_tokens
-    )
+    """SLM only, LLM only and R2R through one engine, --repeats times: per mode its traces,
+    ms per token of each run and seconds of each decode's first step (the prefill);
+    capture seconds; peak bytes."""
+    max_tokens = max(map(len, prompts)) + args.max_new_tokens
+    engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max_tokens)
+    # Both engines route with the same draws.
     if getattr(router, "generator", None) is not None:
-        router.generator.manual_seed(0)  # both engines route with the same draws
+        router.generator.manual_seed(0)
     if slm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slm.device)
+    warm_tokens = min(8, args.max_new_tokens)
     for mode in MODES:
-        r2r.decode(
-            engine, router, prompts[0], max_new_tokens=min(8, args.max_new_tokens), mode=mode, **kw
-        )  # warm-up
-        if kind == "fast":  # every graph captured before the clock runs
-            engine.prepare(router, mode=mode, up_to=max(map(len, prompts)) + args.max_new_tokens)
-    traces, ms, prefill = ({m: [] for m in MODES} for _ in range(3))
-    for _ in range(args.repeats):  # modes interleaved: a busy spell on the machine hits them alike
+        # A warm-up decode; the fast engine then captures every graph before the clock runs.
+        r2r.decode(engine, router, prompts[0], max_new_tokens=warm_tokens, mode=mode, **kw)
+        if kind == "fast":
+            engine.prepare(router, mode=mode, up_to=max_tokens)
+    traces = {m: [] for m in MODES}
+    ms = {m: [] for m in MODES}
+    prefill = {m: [] for m in MODES}
+    # The modes interleaved: a busy spell on the machine hits them alike.
+    for _ in range(args.repeats):
         for mode in MODES:
-            runs = [
-                timed_decode(engine, router, p, mode, args, kw) for p in prompts
-            ]  # (trace, prefill, steps)
-            ms[mode].append(
-                1000 * sum(sum(s) for *_, s in runs) / max(sum(len(s) for *_, s in runs), 1)
-            )
+            # (trace, prefill, steps) per prompt
+            runs = [timed_decode(engine, router, p, mode, args, kw) for p in prompts]
+            seconds = sum(sum(s) for *_, s in runs)
+            steps = sum(len(s) for *_, s in runs)
+            ms[mode].append(1000 * seconds / max(steps, 1))
             traces[mode] += [t for t, _, _ in runs]
             prefill[mode] += [first for _, first, _ in runs]
         r2r.status(f"  {kind}: " + ", ".join(f"{m} {ms[m][-1]:.2f}" for m in MODES) + " ms/token")
-    peak = (
-        torch.cuda.max_memory_allocated(slm.device)
-        if slm.device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )  # the process's peak resident set (Linux: KiB)
+    if slm.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(slm.device)
+    else:
+        # The process's peak resident set (Linux: KiB).
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return traces, ms, prefill, getattr(engine, "setup_seconds", 0.0), peak
 
 
 def timed_decode(engine, router, prompt, mode, args, kw):
-    """A decode, the seconds of its first step (the prompt's prefill) and of each later step. In R2R the LLM reads
-    the prompt at its first call: that step is priced as its later calls (their median) where it has any."""
+    """A decode, the seconds of its first step (the prompt's prefill) and of each later step. In R2R
+    the LLM reads the prompt at its first call: that step is priced as its later calls (their
+    median) where it has any."""
     stamps = []
     trace = r2r.decode(
         engine,
@@ -223,14 +235,15 @@ def timed_decode(engine, router, prompt, mode, args, kw):
     steps = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 1, 2, ...
     routed = [i for i, f in enumerate(trace.from_llm[1:]) if f]
     if mode == "r2r" and routed and not trace.from_llm[0]:
-        steps[routed[0]] = statistics.median(
-            [steps[i] for i in routed[1:]] or [steps[routed[0]]]
-        )  # none: whole
+        # With no later call, the first stays whole.
+        later = [steps[i] for i in routed[1:]]
+        steps[routed[0]] = statistics.median(later or [steps[routed[0]]])
     return trace, trace.seconds - (stamps[-1] - stamps[0]), steps
 
 
 def agreement(a, b):
-    """Share of positions where two engines agree on token and source, and the first that differs."""
+    """Share of positions where two engines agree on token and source,
+    and the first that differs."""
     pairs = [
         (x, y)
         for ta, tb in zip(a, b)
@@ -241,68 +254,77 @@ def agreement(a, b):
 
 
 def engine_table(slm, llm, tok, router, prompts, args, bw, **kw):
-    """Both engines side by side: ms per token against the floor that weight bytes over the measured bandwidth
-    give, speedups, setup cost, memory against the weights, prefills, a prediction, agreement."""
+    """Both engines side by side: ms per token against the floor that weight bytes over
+    the measured bandwidth give, speedups, setup cost, memory against the weights,
+    prefills, a prediction, agreement."""
     floor = {"slm": weight_bytes(slm) / bw * 1e3, "llm": weight_bytes(llm) / bw * 1e3}
     runs = {e: run_engine(slm, llm, tok, router, prompts, e, args, **kw) for e in args.engines}
     traces = runs[args.engines[-1]][0]["r2r"]
     share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
     floor["r2r"] = floor["slm"] + share * floor["llm"]
     weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
+    context = max(map(len, prompts)) + args.max_new_tokens
+    mean_catch_up = r2r.Trace.join(traces).mean_catch_up
+    peak_of = "CUDA" if slm.device.type == "cuda" else "process RSS"
     print(
-        f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {max(map(len, prompts)) + args.max_new_tokens} "
-        f"tokens; R2R LLM share {share:.1%}, mean catch-up {r2r.Trace.join(traces).mean_catch_up:.1f} tokens; "
-        f"{args.repeats} runs, ms: median (min-max); peak: {'CUDA' if slm.device.type == 'cuda' else 'process RSS'}"
+        f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {context} tokens; "
+        f"R2R LLM share {share:.1%}, mean catch-up {mean_catch_up:.1f} tokens; "
+        f"{args.repeats} runs, ms: median (min-max); peak: {peak_of}"
     )
     print(
-        "| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine | over eager LLM only "
-        "| first step (prefill) ms | capture+compile s | peak GiB / weights |\n" + "|---" * 10 + "|"
+        "| engine | mode | ms/token | floor ms | measured / floor | R2R speedup, same engine "
+        "| over eager LLM only | first step (prefill) ms | capture+compile s | peak GiB / weights |"
     )
+    print("|---" * 10 + "|")
     med = {e: {m: statistics.median(x) for m, x in run[1].items()} for e, run in runs.items()}
     for engine, (_, ms, prefill, setup, peak) in runs.items():
         for mode, m in med[engine].items():
-            eager = (
-                f"{med['eager']['llm'] / m:.2f}x" if "eager" in runs else "-"
-            )  # no eager run: nothing to divide
+            # No eager run: nothing to divide.
+            eager = f"{med['eager']['llm'] / m:.2f}x" if "eager" in runs else "-"
             speedups = f"{med[engine]['llm'] / m:.2f}x | {eager}" if mode == "r2r" else " | "
             print(
-                f"| {engine} | {mode} | {spread(ms[mode])} | {floor[mode]:.2f} | {m / floor[mode]:.2f} | {speedups} "
-                f"| {spread(prefill[mode], 1e3)} | {setup:.0f} | {peak / 2**30:.1f} / {weights / 2**30:.1f} |"
+                f"| {engine} | {mode} | {spread(ms[mode])} | {floor[mode]:.2f} "
+                f"| {m / floor[mode]:.2f} | {speedups} | {spread(prefill[mode], 1e3)} "
+                f"| {setup:.0f} | {peak / 2**30:.1f} / {weights / 2**30:.1f} |"
             )
     # What the parts predict: an SLM step per token, plus an LLM call for a share s of them (a
     # catch-up of a few tokens costs about one LLM step: both read every weight once).
     for engine, ms in med.items():
         for s in sorted({round(share, 3), 0.13}):
             pred = ms["slm"] + s * ms["llm"]
+            measured = f" (measured {ms['r2r']:.2f})" if s == round(share, 3) else ""
             print(
-                f"{engine}: predicted R2R at LLM share {s:.1%}: {pred:.2f} ms/token, {ms['llm'] / pred:.2f}x over "
-                f"LLM only" + (f" (measured {ms['r2r']:.2f})" if s == round(share, 3) else "")
+                f"{engine}: predicted R2R at LLM share {s:.1%}: {pred:.2f} ms/token, "
+                f"{ms['llm'] / pred:.2f}x over LLM only" + measured
             )
     if len(runs) == 2:
         for mode in MODES:
             same, first = agreement(*(runs[e][0][mode] for e in args.engines))
             print(
-                f"greedy tokens and routing, fast vs eager, {mode}: {same:.1%} identical, first difference at "
-                f"token {first}"
+                f"greedy tokens and routing, fast vs eager, {mode}: {same:.1%} identical, "
+                f"first difference at token {first}"
             )
 
 
 def fill(engine, context, llm=True):
-    """A started engine's caches (the SLM's; the LLM's too if `llm`) holding `context` zeros, as after a prompt."""
+    """A started engine's caches (the SLM's; the LLM's too if `llm`) holding `context`
+    zeros, as after a prompt."""
     for model, cache in ((engine.slm, engine.slm_cache), (engine.llm, engine.llm_cache))[: 1 + llm]:
         layers, heads, D = fast.kv_shape(model)
-        kv = torch.zeros(
-            1, heads, context, D, dtype=model.dtype, device=model.device
-        )  # (1, KVH, context, D)
+        # keys and values (1, KVH, context, D)
+        kv = torch.zeros(1, heads, context, D, dtype=model.dtype, device=model.device)
         for i in range(layers):
             cache.update(kv, kv, i)
 
 
-@torch.no_grad()  # as r2r.decode: with autograd on, the caches would keep every step's graph
+# As r2r.decode: with autograd on, the caches would keep every step's graph.
+@torch.no_grad()
 def step_times(engine, context, reps, parts):
-    """Seconds per call of each of `parts` (SLM step, LLM step, catch-up of GAP tokens) at `context` tokens, `reps`
-    calls each after two untimed ones (the first reads the filled cache uncaptured, the second captures on CUDA)."""
-    gc.collect()  # engines built before hold their caches in reference cycles: free them before filling these
+    """Seconds per call of each of `parts` (SLM step, LLM step, catch-up of GAP tokens) at `context`
+    tokens, `reps` calls each after two untimed ones (the first reads the filled cache uncaptured,
+    the second captures on CUDA)."""
+    # Engines built before hold their caches in reference cycles: free them before filling these.
+    gc.collect()
     engine.start(
         None,
         [0] * context,
@@ -322,87 +344,84 @@ def step_times(engine, context, reps, parts):
     return {part: measure(calls[part], engine.llm.device, reps, warm=2) for part in parts}
 
 
-def room(reps):  # tokens that step_times adds to a context
+def room(reps):
+    """Tokens that step_times adds to a context."""
     return (reps + 2) * (GAP + 2)
 
 
 def context_table(slm, llm, tok, args, bw):
-    """Per engine, the SLM step, LLM step and a catch-up at each context, and their slopes against the floor
-    of reading the KV cache (its bytes over the bandwidth); then the fast engine's SLM step by buffer size."""
+    """Per engine, the SLM step, LLM step and a catch-up at each context, and their slopes against
+    the floor of reading the KV cache (its bytes over the bandwidth); then the fast engine's SLM
+    step by buffer size."""
     print(
-        f"| engine | context | SLM step ms | LLM step ms | catch-up of {GAP} ms |\n|---|---|---|---|---|"
+        f"| engine | context | SLM step ms | LLM step ms | catch-up of {GAP} ms |\n"
+        "|---|---|---|---|---|"
     )
+    parts = ["slm", "llm", "gap"]
+    max_tokens = max(args.contexts) + room(args.repeats)
     for kind in args.engines:
-        engine = fast.pick_engine(
-            slm, llm, tok, kind=kind, max_tokens=max(args.contexts) + room(args.repeats)
-        )
-        times = {
-            c: step_times(engine, c, args.repeats, ["slm", "llm", "gap"]) for c in args.contexts
-        }
+        engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max_tokens)
+        times = {c: step_times(engine, c, args.repeats, parts) for c in args.contexts}
         for c, t in times.items():
-            print(
-                f"| {kind} | {c} | {spread(t['slm'], 1e3)} | {spread(t['llm'], 1e3)} | {spread(t['gap'], 1e3)} |"
-            )
+            cells = " | ".join(spread(t[p], 1e3) for p in parts)
+            print(f"| {kind} | {c} | {cells} |")
         if len(times) > 1:
-            ks = [
-                statistics.linear_regression(
-                    args.contexts, [1e6 * statistics.median(t[p]) for t in times.values()]
-                )
-                for p in ("slm", "llm", "gap")
-            ]
-            print(
-                f"| {kind} | slope, ms per 1K tokens | "
-                + " | ".join(f"{k.slope:+.2f}" for k in ks)
-                + " |"
-            )
+            slopes = []
+            for p in parts:
+                # Microseconds per call: their slope per token of context is ms per 1K tokens.
+                us = [1e6 * statistics.median(t[p]) for t in times.values()]
+                slopes.append(statistics.linear_regression(args.contexts, us).slope)
+            cells = " | ".join(f"{k:+.2f}" for k in slopes)
+            print(f"| {kind} | slope, ms per 1K tokens | {cells} |")
     kv = {m: fast.cache_bytes(m, 1000) / bw * 1e3 for m in (slm, llm)}
     print(
-        f"| floor | KV bytes of 1K tokens / bandwidth | +{kv[slm]:.2f} | +{kv[llm]:.2f} | +{kv[llm]:.2f} |"
+        "| floor | KV bytes of 1K tokens / bandwidth "
+        f"| +{kv[slm]:.2f} | +{kv[llm]:.2f} | +{kv[llm]:.2f} |"
     )
     if not args.buffers:
         return
     c = args.contexts[0]
     print(
-        f"| fast engine, buffer | context buckets | SLM step at context {c}, ms | same, one bucket: the whole "
-        "buffer |\n|---|---|---|---|"
+        f"| fast engine, buffer | context buckets | SLM step at context {c}, ms "
+        "| same, one bucket: the whole buffer |\n|---|---|---|---|"
     )
     ms = {}
     for buffer in args.buffers:
-        for one in (True, False):  # one bucket (min_context past the buffer), then the ladder
-            engine = fast.FastEngine(
-                slm, llm, tok, max_tokens=buffer, min_context=2 * buffer + 128 if one else 256
-            )
+        # One bucket (min_context past the buffer), then the ladder.
+        for one in (True, False):
+            min_context = 2 * buffer + 128 if one else 256
+            engine = fast.FastEngine(slm, llm, tok, max_tokens=buffer, min_context=min_context)
             ms[buffer, one] = step_times(engine, c, args.repeats, ["slm"])["slm"]
-        ladder = " ".join(map(str, engine.contexts))  # the last engine's: the ladder
+        # The last engine's buckets: the ladder.
+        ladder = " ".join(map(str, engine.contexts))
         print(
-            f"| {buffer} | {ladder} | {spread(ms[buffer, False], 1e3)} | {spread(ms[buffer, True], 1e3)} |"
+            f"| {buffer} | {ladder} | {spread(ms[buffer, False], 1e3)} "
+            f"| {spread(ms[buffer, True], 1e3)} |"
         )
     lo, hi = min(args.buffers), max(args.buffers)
-    print(
-        f"fast SLM step at context {c}, buffer {hi} over {lo}: "
-        + ", ".join(
-            f"{statistics.median(ms[hi, one]) / statistics.median(ms[lo, one]):.2f}x {what}"
-            for one, what in ((False, "over context buckets"), (True, "over one bucket"))
-        )
-    )
+    ratios = [
+        f"{statistics.median(ms[hi, one]) / statistics.median(ms[lo, one]):.2f}x {what}"
+        for one, what in ((False, "over context buckets"), (True, "over one bucket"))
+    ]
+    print(f"fast SLM step at context {c}, buffer {hi} over {lo}: " + ", ".join(ratios))
 
 
 def batch_table(slm, llm, tok, router, prompts, args, **kw):
-    """The batch-size curve: tokens per second of every mode over the same prompts, B at a time; R2R's LLM calls."""
+    """The batch-size curve: tokens per second of every mode over the same prompts,
+    B at a time; R2R's LLM calls."""
     print(
-        "| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s | steps calling the LLM "
-        "| 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n|---|---|---|---|---|---|---|---|---|"
+        "| B | SLM only tokens/s | LLM only tokens/s | R2R tokens/s | LLM share s "
+        "| steps calling the LLM | 1-(1-s)^B | same, b = rows still decoding | R2R / LLM only |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     engine = r2r.EagerEngine(slm, llm, tok)
     for B in args.batch_sizes:
         speed = {m: [] for m in MODES}
-        for mode in (
-            MODES * args.repeats
-        ):  # each figure the median of --repeats runs, the modes interleaved
+        # Each figure the median of --repeats runs, the modes interleaved.
+        for mode in MODES * args.repeats:
+            # A warm-up before each mode's first run at this B.
             if not speed[mode]:
-                r2r.decode_batch(
-                    engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw
-                )  # warm-up
+                r2r.decode_batch(engine, router, prompts[:B], max_new_tokens=8, mode=mode, **kw)
             runs = [
                 r2r.decode_batch(
                     engine,
@@ -417,7 +436,8 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
             traces = [t for run in runs for t in run.traces]
             n = sum(len(t.tokens) for t in traces)
             speed[mode].append(n / sum(run.seconds for run in runs))
-        s = sum(sum(t.from_llm) for t in traces) / n  # R2R's, the last mode run
+        # The LLM share: R2R's, the last mode run.
+        s = sum(sum(t.from_llm) for t in traces) / n
         steps = sum(run.steps for run in runs)
         # The formula at each step's own batch: rows that reached EOS have left it.
         live = [
@@ -474,59 +494,55 @@ def main(argv=None):
         type=int,
         nargs="*",
         default=[],
-        help="also time each step at these context "
-        "lengths, e.g. 256 1024 4096 (the caches filled with zeros: no prefill)",
+        help="also time each step at these context lengths, e.g. 256 1024 4096 "
+        "(the caches filled with zeros: no prefill)",
     )
     p.add_argument(
         "--buffers",
         type=int,
         nargs="*",
         default=[],
-        help="with --contexts: the fast engine's SLM step "
-        "at the first context with buffers of these sizes, e.g. 1024 16384",
+        help="with --contexts: the fast engine's SLM step at the first context "
+        "with buffers of these sizes, e.g. 1024 16384",
     )
     p.add_argument(
         "--batch-sizes",
         type=int,
         nargs="*",
         default=None,
-        help="print the batch-size table instead "
-        "(tokens per second at each B; --n-prompts is rounded up to a multiple of the largest B)",
+        help="print the batch-size table instead (tokens per second at each B; "
+        "--n-prompts is rounded up to a multiple of the largest B)",
     )
     p.add_argument(
         "--memory-snapshot",
         default=None,
-        help="CUDA: record every allocation and write a snapshot to "
-        "this .pickle at the end, or when memory runs out (open it at pytorch.org/memory_viz)",
+        help="CUDA: record every allocation and write a snapshot to this .pickle at the end, "
+        "or when memory runs out (open it at pytorch.org/memory_viz)",
     )
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
-    r2r.check_args(
-        args, n_prompts=1, max_new_tokens=1, prompt_len=1, repeats=1
-    )  # before any model loads
+    # Before any model loads.
+    r2r.check_args(args, n_prompts=1, max_new_tokens=1, prompt_len=1, repeats=1)
     if not 0 <= args.share <= 1 or min(sizes + args.contexts) < 1:
         raise r2r.R2RError(
             "--share must lie in [0, 1]; contexts and batch sizes must be at least 1"
         )
     if args.buffers and min(args.buffers) < (args.contexts or [1 << 60])[0] + room(args.repeats):
         raise r2r.R2RError(
-            f"--buffers needs --contexts, and buffers that hold the first + {room(args.repeats)} tokens"
+            "--buffers needs --contexts, and buffers that hold the first "
+            f"+ {room(args.repeats)} tokens"
         )
     args.n_prompts = -(-args.n_prompts // max(sizes)) * max(sizes)
-    rows = (
-        None
-        if args.pair
-        else r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
-    )
+    rows = None
+    if not args.pair:
+        rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:
         slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
         router = r2r.load_router(args.router, slm, tok, device)
-        prompts, eos = (
-            [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows],
-            None,
-        )
+        prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
+        eos = None
     else:
         slm, llm, tok = random_pair(args.pair, device, dtype)
         router = r2r.ConfidenceRouter("random", 100, 1 - args.share, gen)
@@ -535,7 +551,8 @@ def main(argv=None):
             torch.randint(0, len(tok), (args.prompt_len,), generator=g).tolist()
             for _ in range(args.n_prompts)
         ]
-        eos = set()  # random weights: decode exactly --max-new-tokens
+        # Random weights: decode exactly --max-new-tokens.
+        eos = set()
     batch = "batch sizes " + " ".join(map(str, sizes)) if args.batch_sizes else "batch size 1"
     print(
         f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "
@@ -551,7 +568,8 @@ def main(argv=None):
         engine_table(slm, llm, tok, router, prompts, args, bw, eos=eos, generator=gen)
         if args.contexts:
             context_table(slm, llm, tok, args, bw)
-    finally:  # an out-of-memory error is when the snapshot is most wanted
+    finally:
+        # After an error too: out of memory is when the snapshot is most wanted.
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(args.memory_snapshot)
             r2r.status(f"memory snapshot written to {args.memory_snapshot}")

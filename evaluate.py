@@ -1,9 +1,9 @@
 """
 evaluate.py: R2R's trade-off, accuracy against LLM share, on prompts with checkable answers.
 
-    python evaluate.py                                        # demo pair, demo/router, 500 test problems
-    python evaluate.py --plot pareto.png --out results.json   # also the picture and every row as JSON
-    torchrun --nproc-per-node 8 evaluate.py ...               # 8 processes share the prompts; the first reports
+    python evaluate.py                                       # demo pair and router, 500 problems
+    python evaluate.py --plot pareto.png --out results.json  # also the picture and rows as JSON
+    torchrun --nproc-per-node 8 evaluate.py ...              # 8 processes; the first reports
 
 Rows: SLM only, LLM only, R2R at the router's saved threshold and at a sweep of thresholds,
 and, at the LLM share each R2R row reached, routing by SLM entropy and at random (the
@@ -12,17 +12,14 @@ that share of the SLM's own steps. Every accuracy carries a 95% bootstrap interv
 problems; every row says how faithful it is to the LLM: the share of responses identical
 to LLM-only decoding, and the share of final answers that differ from LLM-only's.
 Prints a Markdown table; --out writes the rows (JSON or CSV), --plot draws them
-(matplotlib, optional). Greedy decoding throughout. It also holds the verifier label.py asks
-whether a mismatch is neutral or divergent: final answers, or a judge model (judge_prompt.txt).
+(matplotlib, optional). Greedy decoding throughout; answers are compared by r2r.same_answer.
 """
 
 import csv
 import datetime
 import json
 import os
-import re
 import sys
-from typing import NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -32,111 +29,7 @@ from tqdm import tqdm
 import fast
 import r2r
 
-FIELDS = [
-    "method",
-    "threshold",
-    "share",
-    "acc",
-    "acc_lo",
-    "acc_hi",
-    "identical",
-    "flipped",
-    "params",
-    "n",
-]
-
-
-# ----------------------------------------------------------------------------- answers
-
-
-def reference_answer(a):
-    """A dataset's answer read as a response's: "\\boxed{\\dfrac{1}{2}}" -> "\\frac{1}{2}", 7793 -> "7793"."""
-    return (
-        None
-        if a is None
-        else extract_answer(str(a))
-        if "\\boxed{" in str(a)
-        else normalize_answer(str(a))
-    )
-
-
-def extract_answer(text):
-    """The final answer of a response, or None: the last \\boxed{...}, braces balanced at any depth,
-    normalised; else a number closing the text after "so"/"thus"/"answer" (the demo task), spaces
-    between digits dropped: "... so 7 7 9 3" -> "7793"."""
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, open_at = 0, start + len("\\boxed")
-        for i in range(open_at, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return normalize_answer(text[open_at + 1 : i])
-        return None  # the box never closes: a response cut short
-    m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
-    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
-
-
-def normalize_answer(s):
-    """One spelling per answer: "$\\dfrac{1}{2}$." -> "\\frac{1}{2}", "\\left( 1, 2 \\right)" ->
-    "(1,2)", "5\\text{ cm}" -> "5", "50\\%" -> "50"."""
-    s = re.sub(r"\\[dt]frac", r"\\frac", s.strip().strip("$").rstrip(".").strip("$"))
-    s = re.sub(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;:! ]|\^\{?\\circ\}?|\\?%", "", s)
-    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)  # a unit after the value
-    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
-    return re.sub(r"\s+", "", s).rstrip(".")
-
-
-# ----------------------------------------------------------------------------- the verifier (label.py, step 4)
-
-
-def verify_by_answer(tok, response, j, branch):
-    """Same final answer from the LLM's own response and from the branch at position j = neutral (0)."""
-    ref = extract_answer(tok.decode(response, skip_special_tokens=True))
-    alt = extract_answer(tok.decode(response[:j] + branch, skip_special_tokens=True))
-    return None if ref is None else int(alt != ref)
-
-
-class Judge(NamedTuple):
-    """A verifier model and its tokenizer."""
-
-    model: torch.nn.Module
-    tok: object
-
-
-with open(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt"), encoding="utf-8"
-) as f:
-    JUDGE_PROMPT = f.read().rstrip("\n")  # the authors' question (R2R Stage 1), in our words
-
-
-def judge_prompt(context, a, b):
-    """The judge's question; `a` and `b` carry the << >> marks; the last 1000 characters of context."""
-    return JUDGE_PROMPT.format(context=context[-1000:], a=a, b=b)
-
-
-def sentence_view(tok, response, j, branch, ends):
-    """(context, A, B) for the judge: the text before the sentence that holds position j, then that sentence and
-    the next from the LLM's response (A) and from the branch (B), the divergence point marked << >>."""
-    start = max([i + 1 for i in range(j) if response[i] in ends], default=0)
-
-    def sentences(tail):
-        cut = [i for i, t in enumerate(tail) if t in ends]
-        tail = tail[: cut[1] + 1] if len(cut) > 1 else tail
-        return (
-            tok.decode(response[start:j])
-            + " <<"
-            + tok.decode(tail[:1])
-            + ">> "
-            + tok.decode(tail[1:])
-        )
-
-    return tok.decode(response[:start]), sentences(response[j:]), sentences(branch)
-
-
-def parse_judge(reply):
-    """'Output: 1' -> 1, 'output:0' -> 0; anything else -> None (dropped, never guessed)."""
-    m = re.findall(r"output\s*:\s*\**\s*([01])\b", reply, flags=re.IGNORECASE)
-    return int(m[-1]) if m else None
+FIELDS = "method threshold share acc acc_lo acc_hi identical flipped params n".split()
 
 
 # ----------------------------------------------------------------------------- the table
@@ -146,9 +39,8 @@ def bootstrap_ci(correct, n_boot=1000, seed=0):
     """95% percentile bootstrap interval of the accuracy: resample the problems with
     replacement n_boot times (seeded, so a rerun gives the same interval)."""
     c = torch.tensor(correct, dtype=torch.float64)
-    draws = torch.randint(
-        len(c), (n_boot, len(c)), generator=torch.Generator().manual_seed(seed)
-    )  # (n_boot, n)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(c), (n_boot, len(c)), generator=gen)  # (n_boot, n)
     lo, hi = c[draws].mean(1).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return lo, hi
 
@@ -158,11 +50,10 @@ def score_row(name, threshold, traces, reference, rows, tok, p_slm, p_llm):
     `identical` is the share of responses equal to them token for token, `flipped` the share
     of problems whose final answer differs from theirs."""
 
-    def answers(ts):
-        return [extract_answer(tok.decode(t.tokens, skip_special_tokens=True)) for t in ts]
-
-    mine, llm = answers(traces), answers(reference)
-    correct = [a == reference_answer(r["answer"]) for a, r in zip(mine, rows)]
+    texts = [tok.decode(t.tokens, skip_special_tokens=True) for t in traces]
+    correct = [r2r.same_answer(text, r["answer"]) for text, r in zip(texts, rows)]
+    mine = [r2r.final_answer(text) for text in texts]
+    llm = [r2r.final_answer(tok.decode(t.tokens, skip_special_tokens=True)) for t in reference]
     lo, hi = bootstrap_ci(correct)
     identical = sum(t.tokens == r.tokens for t, r in zip(traces, reference))
     run = r2r.Trace.join(traces)
@@ -200,9 +91,8 @@ def decode_all(engine, router, prompts, args, bar, **kw):
             batch = r2r.decode_batch(engine, router, [prompts[b] for b in rows], **kw)
             traces.update(zip(rows, batch.traces))
         bar.update(len(rows))
-    traces = dict(
-        gather_object(list(traces.items()))
-    )  # (prompt index, Trace) pairs from every process
+    # (prompt index, Trace) pairs from every process.
+    traces = dict(gather_object(list(traces.items())))
     return [traces[i] for i in range(len(prompts))]
 
 
@@ -211,9 +101,8 @@ def slm_step_scores(slm, tok, prompts, traces, k):
     """Confidence scores (r2r.confidence_scores) at every step of the SLM's own greedy
     decodes, from one teacher-forced pass each: what the baselines' thresholds are set on."""
     scores = {"entropy": [], "random": []}
-    gen = torch.Generator(device=slm.device).manual_seed(
-        0
-    )  # the random baseline's threshold, the same every run
+    # The random baseline's threshold, the same every run.
+    gen = torch.Generator(device=slm.device).manual_seed(0)
     for p, t in zip(prompts, traces):
         hidden = r2r.forward(slm, torch.tensor([p + t.tokens[:-1]]), last=True)[0]  # (1, T, H)
         logits = slm.get_output_embeddings()(hidden[0, len(p) - 1 :])[
@@ -244,10 +133,9 @@ def parse_args(argv=None):
         "--batch-size",
         type=int,
         default=16,
-        help="prompts decoded together in every row (1: one by "
-        "one with r2r.decode; the same table but for random routing, whose draws depend on the batch); "
-        "16 fits Qwen3-0.6B + 8B at 4K tokens on one 80 GB GPU: lower it for larger pairs or if you run "
-        "out of memory",
+        help="prompts decoded together in every row (1: one by one with r2r.decode; the same "
+        "table but for random routing, whose draws depend on the batch); 16 fits Qwen3-0.6B + 8B "
+        "at 4K tokens on one 80 GB GPU: lower it for larger pairs or if you run out of memory",
     )
     p.add_argument("--out", default=None, help="write every row to this .json or .csv file")
     p.add_argument(
@@ -278,9 +166,8 @@ def parse_args(argv=None):
 
 def evaluate(args):
     """Decode every prompt for every row; returns the rows (dicts with FIELDS)."""
-    ranks = PartialState(  # torchrun's processes (one without it), a GPU each, gathering up to a day apart
-        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=1)
-    )
+    # torchrun's processes (one without it), a GPU each, gathering up to a day apart.
+    ranks = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(days=1))
     rows = r2r.read_prompts(
         args.prompts, args.split, args.prompt_field, args.answer_field, args.limit
     )
@@ -293,10 +180,9 @@ def evaluate(args):
     router = r2r.load_router(args.router, slm, tok, device)
     prompts = [r2r.encode_prompt(tok, r["prompt"], not args.no_chat_template) for r in rows]
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
-    limits = r2r.EagerEngine(slm, llm, tok)  # reads the models' positions off their configs
-    rooms = [
-        r2r.room(limits, p, args.max_new_tokens) for p in prompts
-    ]  # refuses, before decoding, a prompt with none
+    # Refuses, before decoding, a prompt with no room in the models' positions.
+    limits = r2r.pair_limits(tok, slm, llm)
+    rooms = [r2r.room(limits, p, args.max_new_tokens) for p in prompts]
     engine = fast.pick_engine(
         slm,
         llm,
@@ -305,26 +191,27 @@ def evaluate(args):
         batch_size=args.batch_size,
         max_tokens=max(len(p) + r for p, r in zip(prompts, rooms)),
     )
-    thresholds = list(
-        dict.fromkeys([router.threshold] + sorted(args.thresholds))
-    )  # saved one first, no repeats
-    mine = len(
-        range(ranks.process_index, len(rows), ranks.num_processes)
-    )  # this process's share of the prompts
+    # The saved threshold first, no repeats.
+    thresholds = list(dict.fromkeys([router.threshold] + sorted(args.thresholds)))
+    # This process's share of the prompts.
+    mine = len(range(ranks.process_index, len(rows), ranks.num_processes))
     bar = tqdm(
         total=mine * (2 + 3 * len(thresholds)),
         desc="greedy",
         unit="prompt",
         disable=not ranks.is_main_process,
     )
-    decoded = []  # every row's traces, to say once whether any response stopped at the models' positions
+    # Every row's traces, to say once whether any response stopped at the models' positions.
+    decoded = []
 
     def row(name, threshold, traces):
         decoded.extend(traces)
         result = score_row(name, threshold, traces, llm_traces, rows, tok, p_slm, p_llm)
-        if ranks.is_main_process:  # stderr: stdout is the table only
+        # On stderr: stdout is the table only.
+        if ranks.is_main_process:
+            th = "-" if threshold is None else f"{threshold:.3f}"
             bar.write(
-                f"{name:12s} threshold {'-' if threshold is None else f'{threshold:.3f}':>6s}  LLM share "
+                f"{name:12s} threshold {th:>6s}  LLM share "
                 f"{result['share']:6.1%}  accuracy {result['acc']:6.1%}  identical to LLM "
                 f"{result['identical']:6.1%}",
                 file=sys.stderr,
@@ -350,7 +237,7 @@ def evaluate(args):
             bar.set_description(kind)
             results.append(row(f"{kind}", bt, decode_all(engine, base, prompts, args, bar)))
     bar.close()
-    r2r.note_cut(engine, decoded, rooms * (len(decoded) // len(rooms)), args.max_new_tokens)
+    r2r.note_cut(limits, decoded, rooms * (len(decoded) // len(rooms)), args.max_new_tokens)
     return results
 
 
@@ -430,9 +317,8 @@ def plot(results, path):
         for r in sorted(results, key=lambda r: (r["share"], -r["acc"]))
         if r["method"].startswith("R2R")
     ]
-    ax.set_xscale(
-        "symlog", linthresh=1
-    )  # 0% (SLM only) to 100% (LLM only), R2R's few percent readable
+    # 0% (SLM only) to 100% (LLM only), with R2R's few percent readable.
+    ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(
         [0, 1, 2, 5, 10, 20, 50, 100], labels=["0", "1", "2", "5", "10", "20", "50", "100"]
     )
@@ -440,9 +326,8 @@ def plot(results, path):
     ax.set_ylabel("accuracy (%), 95% bootstrap interval")
     ax.set_title(f"accuracy against LLM share, {results[0]['n']} problems")
     ax.grid(alpha=0.3)
-    ax.legend(
-        fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1)
-    )  # beside the axes, where it covers no point
+    # Beside the axes, where it covers no point.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     separate(labels, fig.canvas.get_renderer())
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -450,7 +335,8 @@ def plot(results, path):
 
 
 def separate(labels, renderer):
-    """Moves each threshold label down, a point at a time, until it overlaps none placed before it."""
+    """Moves each threshold label down, a point at a time, until it overlaps none placed before
+    it."""
     placed = []
     for label in labels:
         while any(label.get_window_extent(renderer).overlaps(box) for box in placed):
@@ -461,20 +347,21 @@ def separate(labels, renderer):
 def main(argv=None):
     args = parse_args(argv)
     results = evaluate(args)
-    if not PartialState().is_main_process:  # under torchrun, the first process reports
+    # Under torchrun, the first process reports.
+    if not PartialState().is_main_process:
         return results
+    n = results[0]["n"]
+    print(f"\n{n} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n")
     print(
-        f"\n{results[0]['n']} problems from {args.prompts}, greedy, max {args.max_new_tokens} new tokens\n"
-    )
-    print(
-        "| method | threshold | LLM share | accuracy | 95% interval | identical to LLM | answer differs "
-        "from LLM | avg activated params |"
+        "| method | threshold | LLM share | accuracy | 95% interval | identical to LLM "
+        "| answer differs from LLM | avg activated params |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         th = "" if r["threshold"] is None else f"{r['threshold']:.3f}"
         print(
-            f"| {r['method']} | {th} | {r['share']:.1%} | {r['acc']:.1%} | {r['acc_lo']:.1%} - {r['acc_hi']:.1%} | "
+            f"| {r['method']} | {th} | {r['share']:.1%} | {r['acc']:.1%} "
+            f"| {r['acc_lo']:.1%} - {r['acc_hi']:.1%} | "
             f"{r['identical']:.1%} | {r['flipped']:.1%} | {r['params'] / 1e6:.3f}M |"
         )
     if args.out:

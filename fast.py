@@ -1,26 +1,29 @@
 """
-fast.py: the fast engine, r2r.decode's seam (start, propose, catch_up) over static buffers, attention over the live
-length and CUDA graphs; and the rule that picks an engine. A tutorial reader can skip it: the tokens are the eager
-engine's (fp32, tests/test_fast.py and tests/test_context.py).
+fast.py: the fast engine, r2r.decode's seam (start, propose, catch_up) over static buffers,
+attention over the live length and CUDA graphs; and the rule that picks an engine. A tutorial reader
+can skip it: the tokens are the eager engine's (fp32, tests/test_fast.py and tests/test_context.py).
 
-What it adds to the loop. Both models write into a StaticCache sized once for prompt + response plus the largest
-catch-up bucket; each layer keeps its length as a device tensor, so one function serves every position. SDPA over a
-static cache reads every slot, live or not: every pass here names a context bucket (min_context, 2x, 4x, ..., the
-buffer: the smallest that holds the live length), and an attention function registered with transformers
-(ATTENTION) slices keys, values and mask to it (what it drops is masked anyway). Steps 1-2 (SLM step, candidate,
-router score against a threshold held in a device tensor) are ONE function of the token read: per token the host
-fills one number, replays one graph and reads back two (token, routed). Step 3 pads the gap to a power of two
-(1, 2, 4, ... max_bucket): the padding writes junk K/V past the gap, which no query attends to (the mask is causal)
-and the next real tokens overwrite; each layer's length is set back to the real one inside the function, and the
-logits are read at the gap's last real token. One function per (step, catch-up bucket, context bucket), built at
-first use and kept for every prompt: on CUDA the one-token ones compiled and all captured as CUDA graphs, off CUDA
-plain calls (what the tests check). Sampling draws one uniform per pick from the prompt's generator in both engines.
+What it adds to the loop. Both models write into a StaticCache sized once for prompt + response plus
+the largest catch-up bucket; each layer keeps its length as a device tensor, so one function serves
+every position. SDPA over a static cache reads every slot, live or not: every pass here names a
+context bucket (min_context, 2x, 4x, ..., the buffer: the smallest that holds the live length), and
+an attention function registered with transformers (ATTENTION) slices keys, values and mask to it
+(what it drops is masked anyway). Steps 1-2 (SLM step, candidate, router score against a threshold
+held in a device tensor) are ONE function of the token read: per token the host fills one number,
+replays one graph and reads back two (token, routed). Step 3 pads the gap to a power of two (1, 2,
+4, ... max_bucket): the padding writes junk K/V past the gap, which no query attends to (the mask is
+causal) and the next real tokens overwrite; each layer's length is set back to the real one inside
+the function, and the logits are read at the gap's last real token. One function per (step,
+catch-up bucket, context bucket), built at first use and kept for every prompt: on CUDA the
+one-token ones compiled and all captured as CUDA graphs, off CUDA plain calls (what the tests
+check). Sampling draws one uniform per pick from the prompt's generator in both engines.
 
-What it leaves out. Batches (r2r.decode_batch is eager); an LLM over several GPUs (a CUDA graph runs on one);
-sliding-window layers (Mistral, Gemma 2: their static layers count in Python ints it cannot reset); attention
-other than SDPA (it sets both models to ATTENTION: SDPA exactly where no bucket is named). Uncaptured: the
-prompts' prefills, the first catch-up (it reads the prompt), gaps over max_bucket. Flex attention also skips empty
-blocks, but gave other tokens than eager under CUDA graphs (docs/gpu.md).
+What it leaves out. Batches (r2r.decode_batch is eager); an LLM over several GPUs (a CUDA graph runs
+on one); sliding-window layers (Mistral, Gemma 2: their static layers count in Python ints it cannot
+reset); attention other than SDPA (it sets both models to ATTENTION: SDPA exactly where no bucket is
+named). Uncaptured: the prompts' prefills, the first catch-up (it reads the prompt), gaps over
+max_bucket. Flex attention also skips empty blocks, but gave other tokens than eager under CUDA
+graphs (docs/gpu.md).
 """
 
 import math
@@ -34,13 +37,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import r2r
 
-ATTENTION = "r2r_sdpa"  # the attention both models run under the fast engine
+# The attention both models run under the fast engine.
+ATTENTION = "r2r_sdpa"
 
 
 def sdpa_over_bucket(module, query, key, value, attention_mask, *, context_bucket=None, **kw):
-    """transformers' SDPA; a call that names a context bucket attends over only the first `context_bucket` slots of
-    a static cache: keys, values (B, KVH, S, D) and mask (B, 1, T, S) become views that wide, no copy. The slots it
-    drops lie past the live length, which the mask hides anyway, so only the cost changes."""
+    """transformers' SDPA; a call that names a context bucket attends over only the first
+    `context_bucket` slots of a static cache: keys, values (B, KVH, S, D) and mask (B, 1, T, S)
+    become views that wide, no copy. The slots it drops lie past the live length, which the mask
+    hides anyway, so only the cost changes."""
     if context_bucket is not None:
         key, value = key[:, :, :context_bucket], value[:, :, :context_bucket]
         attention_mask = None if attention_mask is None else attention_mask[..., :context_bucket]
@@ -48,20 +53,20 @@ def sdpa_over_bucket(module, query, key, value, attention_mask, *, context_bucke
 
 
 AttentionInterface.register(ATTENTION, sdpa_over_bucket)
-AttentionMaskInterface.register(
-    ATTENTION, sdpa_mask
-)  # under a name it does not know, a model builds NO mask
+# Under a name it does not know, a model builds NO mask.
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def attend(model, ids, cache, context):
-    """model reads ids (1, T) into its static cache, attending over `context` slots -> last hidden states (1, T, H)."""
-    return model.base_model(
-        input_ids=ids, cache=cache, use_cache=True, context_bucket=context
-    ).last_hidden_state
+    """model reads ids (1, T) into its static cache, attending over `context` slots
+    -> last hidden states (1, T, H)."""
+    out = model.base_model(input_ids=ids, cache=cache, use_cache=True, context_bucket=context)
+    return out.last_hidden_state
 
 
 def kv_shape(model):
-    """Layers, KV heads and head size: a static cache holds keys and values (1, KVH, slots, D) in every layer."""
+    """Layers, KV heads and head size: a static cache holds keys and values
+    (1, KVH, slots, D) in every layer."""
     c = model.config.get_text_config()
     return (
         c.num_hidden_layers,
@@ -75,20 +80,22 @@ def cache_bytes(model, slots):
 
 
 def activation_bytes(model, tokens, context):
-    """About the most one pass of `tokens` tokens over `context` slots holds at once, one layer's worth (no_grad
-    frees each layer's): keys and values repeated to every head (GQA under a mask), scores, the MLP's halves."""
-    c, D = model.config.get_text_config(), kv_shape(model)[2]
+    """About the most one pass of `tokens` tokens over `context` slots holds at once, one layer's
+    worth (no_grad frees each layer's): keys and values repeated to every head (GQA under a mask),
+    scores, the MLP's halves."""
+    c = model.config.get_text_config()
+    D = kv_shape(model)[2]
     attention = c.num_attention_heads * context * (2 * D + tokens)
-    return (
-        attention + tokens * (3 * c.intermediate_size + 4 * c.hidden_size)
-    ) * model.dtype.itemsize
+    mlp = tokens * (3 * c.intermediate_size + 4 * c.hidden_size)
+    return (attention + mlp) * model.dtype.itemsize
 
 
 def refusal(slm, llm):
     """Why the fast engine cannot run this pair, or None."""
     if len(set(getattr(llm, "hf_device_map", {"": 0}).values())) > 1:
         return "the LLM spans several GPUs, and a CUDA graph runs on one"
-    for m in (slm, llm):  # their static layers count in Python ints that the engine cannot reset
+    # Their static layers count in Python ints that the engine cannot reset.
+    for m in (slm, llm):
         if any(layer.is_sliding for layer in StaticCache(config=m.config, max_cache_len=1).layers):
             return f"{m.name_or_path} has sliding-window layers"
     return None
@@ -98,9 +105,8 @@ def unsuitable(slm, llm, batch_size):
     """Why the default engine is eager here, or None where the fast one pays and fits: the LLM on
     one GPU, one prompt at a time, and weights under 1/2.5 of the GPU's memory (the fast engine
     peaked at 2.3x the weights on an H100, docs/gpu.md)."""
-    if why := refusal(slm, llm) or (
-        "batches decode eager" if batch_size > 1 else None
-    ):  # refusal builds caches: once
+    # refusal builds caches: ask it once
+    if why := refusal(slm, llm) or ("batches decode eager" if batch_size > 1 else None):
         return why
     if llm.device.type != "cuda":
         return "the fast engine pays off only with CUDA graphs"
@@ -111,30 +117,31 @@ def unsuitable(slm, llm, batch_size):
 
 
 def pick_engine(slm, llm, tok, *, kind, max_tokens, batch_size=1):
-    """The engine asked, "eager" (r2r.EagerEngine) or "fast" (a FastEngine for prompt + response up to
-    max_tokens, built once so its graphs serve every prompt); None takes the fast one where it pays
-    and fits, else eager. Says which and why."""
+    """The engine asked, "eager" (r2r.EagerEngine) or "fast" (a FastEngine for prompt + response
+    up to max_tokens, built once so its graphs serve every prompt); None takes the fast one where it
+    pays and fits, else eager. Says which and why."""
     why = "as asked" if kind else unsuitable(slm, llm, batch_size)
     if kind == "fast" or why is None:
         engine = FastEngine(slm, llm, tok, max_tokens=max_tokens)
-        r2r.status(
-            f"engine fast ({'CUDA graphs' if engine.graphs else 'no graphs off CUDA'}; {why or 'the default'})"
-        )
+        graphs = "CUDA graphs" if engine.graphs else "no graphs off CUDA"
+        r2r.status(f"engine fast ({graphs}; {why or 'the default'})")
         return engine
     r2r.status(f"engine eager (DynamicCache; {why})")
     return r2r.EagerEngine(slm, llm, tok)
 
 
 class Captured(NamedTuple):
-    """A function built once per engine, and the router whose weights its graph reads (kept alive)."""
+    """A function built once per engine, and the router whose weights its graph reads
+    (kept alive)."""
 
     router: torch.nn.Module
     fn: Callable
 
 
 class FastEngine(r2r.EagerEngine):
-    """r2r.EagerEngine's seam over static buffers for prompt + response up to `max_tokens`, attending over context
-    buckets min_context, 2x, 4x, ... (min_context at least the buffer: one bucket, every slot read)."""
+    """r2r.EagerEngine's seam over static buffers for prompt + response up to `max_tokens`,
+    attending over context buckets min_context, 2x, 4x, ... (min_context at least the buffer: one
+    bucket, every slot read)."""
 
     def __init__(self, slm, llm, tok, *, max_tokens, max_bucket=64, min_context=256, graphs=None):
         if why := refusal(slm, llm):
@@ -142,47 +149,53 @@ class FastEngine(r2r.EagerEngine):
         super().__init__(slm, llm, tok)
         self.size = max_tokens
         self.graphs = llm.device.type == "cuda" if graphs is None else graphs
-        self.buckets = [
-            1 << i for i in range(max_bucket.bit_length())
-        ]  # catch-up lengths 1, 2, 4, ... <= max_bucket
-        slots = max_tokens + self.buckets[-1]  # the largest padded catch-up may start at max_tokens
-        self.contexts = [
-            min_context << i for i in range(((slots - 1) // min_context).bit_length())
-        ] + [slots]
-        for m in (slm, llm):  # SDPA still; the engine's calls name a context bucket
+        # Catch-up lengths 1, 2, 4, ... <= max_bucket.
+        self.buckets = [1 << i for i in range(max_bucket.bit_length())]
+        # The largest padded catch-up may start at max_tokens.
+        slots = max_tokens + self.buckets[-1]
+        # Context buckets min_context, 2x, 4x, ... below the buffer, then the buffer.
+        doublings = ((slots - 1) // min_context).bit_length()
+        self.contexts = [min_context << i for i in range(doublings)] + [slots]
+        # SDPA still; the engine's calls name a context bucket.
+        for m in (slm, llm):
             m.set_attn_implementation(ATTENTION)
         self.slm_cache = StaticCache(config=slm.config, max_cache_len=slots)
         self.llm_cache = StaticCache(config=llm.config, max_cache_len=slots)
-        self.fresh = torch.zeros(
-            1, 1, dtype=torch.long, device=slm.device
-        )  # (1, 1) the token the SLM reads next
-        self.u_slm = torch.zeros(1, device=slm.device)  # (1,) the uniform of the SLM's next pick
-        self.u_llm = torch.zeros(1, device=llm.device)  # (1,) the same for the LLM's
-        self.threshold = torch.zeros(
-            (),
-            dtype=torch.float32 if slm.device.type == "mps" else torch.float64,
-            device=slm.device,
-        )  # () the threshold; float64 where it exists, as r2r.route
+        # The token the SLM reads next.
+        self.fresh = torch.zeros(1, 1, dtype=torch.long, device=slm.device)  # (1, 1)
+        # The uniforms of the SLM's and the LLM's next picks.
+        self.u_slm = torch.zeros(1, device=slm.device)  # (1,)
+        self.u_llm = torch.zeros(1, device=llm.device)  # (1,)
+        # The threshold; float64 where it exists, as r2r.route.
+        dtype = torch.float32 if slm.device.type == "mps" else torch.float64
+        self.threshold = torch.zeros((), dtype=dtype, device=slm.device)  # ()
+        # Per catch-up bucket P, the padded gap's ids (1, P).
         self.gap_ids = {
             P: torch.zeros(1, P, dtype=torch.long, device=llm.device) for P in self.buckets
-        }  # (1, P)
-        self.gap = torch.ones(
-            1, dtype=torch.long, device=llm.device
-        )  # (1,) real tokens in the padded gap
-        self.fns, self.setup_seconds = (
-            {},
-            0.0,
-        )  # captured functions by key; seconds spent capturing them
+        }
+        # Real tokens in the padded gap.
+        self.gap = torch.ones(1, dtype=torch.long, device=llm.device)  # (1,)
+        # Captured functions by key, and the seconds spent capturing them.
+        self.fns = {}
+        self.setup_seconds = 0.0
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         r2r.status(self.plan())
 
     def plan(self):
-        """What the engine allocates, in one line: its caches, and about the largest captured function's activations."""
-        slots, P, mib = self.contexts[-1], self.buckets[-1], lambda n: f"{n / 2**20:.0f} MiB"
+        """What the engine allocates, in one line: its caches, and about the largest
+        captured function's activations."""
+        slots = self.contexts[-1]
+        P = self.buckets[-1]
+
+        def mib(n):
+            return f"{n / 2**20:.0f} MiB"
+
         return (
-            f"fast engine: static caches of {slots} tokens, SLM {mib(cache_bytes(self.slm, slots))}, LLM "
-            f"{mib(cache_bytes(self.llm, slots))}; context buckets {' '.join(map(str, self.contexts))}; a catch-up "
-            f"of {P} over all {slots} slots holds about {mib(activation_bytes(self.llm, P, slots))} of activations"
+            f"fast engine: static caches of {slots} tokens, "
+            f"SLM {mib(cache_bytes(self.slm, slots))}, LLM {mib(cache_bytes(self.llm, slots))}; "
+            f"context buckets {' '.join(map(str, self.contexts))}; "
+            f"a catch-up of {P} over all {slots} slots holds about "
+            f"{mib(activation_bytes(self.llm, P, slots))} of activations"
         )
 
     def bucket(self, n):
@@ -206,40 +219,38 @@ class FastEngine(r2r.EagerEngine):
                 f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the fast engine's "
                 f"{self.size}: build it with a larger max_tokens, or use --engine eager"
             )
-        self.router, self.use_router, self.temperature, self.top_p = (
-            router,
-            use_router,
-            temperature,
-            top_p,
-        )
+        self.router = router
+        self.use_router = use_router
+        self.temperature, self.top_p = temperature, top_p
         self.generator = generator
         self.threshold.fill_(threshold if use_router else 0)
-        for layer in (
-            self.slm_cache.layers + self.llm_cache.layers
-        ):  # a new prompt: the old slots are junk now
+        # A new prompt: the old slots are junk now.
+        for layer in self.slm_cache.layers + self.llm_cache.layers:
             layer.cumulative_length.zero_()
-        self.slm_seen = self.llm_seen = 0  # tokens in each cache, on the host
+        # Tokens in each cache, on the host.
+        self.slm_seen = self.llm_seen = 0
 
     def draw(self, u):
         if self.temperature:
             u.copy_(r2r.uniforms([self.generator], u.device))
 
     def propose(self, fresh):
-        """Steps 1-2: the prompt's prefill runs uncaptured (any length), each later token in one function."""
+        """Steps 1-2: the prompt's prefill runs uncaptured (any length), each later token in
+        one function."""
         self.draw(self.u_slm)
-        if self.slm_seen == 0:  # after what the cache holds: nothing, or a context bench.py filled
+        if self.slm_seen == 0:
+            # The prefill reads after what the cache holds: nothing, or a context bench.py filled.
             self.slm_seen = int(self.slm_cache.get_seq_length())
             ids = torch.tensor([fresh], device=self.slm.device)  # (1, T)
-            hidden = attend(self.slm, ids, self.slm_cache, self.bucket(self.slm_seen + len(fresh)))[
-                :, -1
-            ]  # (1, H)
+            context = self.bucket(self.slm_seen + len(fresh))
+            hidden = attend(self.slm, ids, self.slm_cache, context)[:, -1]  # (1, H)
             logits = self.slm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
             out = self._decide(hidden, logits, self.use_router, self.temperature, self.top_p)
         else:
             self.fresh.fill_(fresh[0])
-            out = self._slm_fn(
-                self.bucket(self.slm_seen + 1), self.use_router, self.temperature, self.top_p
-            )()
+            context = self.bucket(self.slm_seen + 1)
+            fn = self._slm_fn(context, self.use_router, self.temperature, self.top_p)
+            out = fn()
         self.slm_seen += len(fresh)
         token, routed = out.tolist()
         return r2r.Proposal(token, bool(routed))
@@ -251,111 +262,106 @@ class FastEngine(r2r.EagerEngine):
         ids = torch.tensor([gap], device=self.llm.device)  # (1, gap)
         if self.llm_seen and len(gap) <= self.buckets[-1]:
             P = 1 << (len(gap) - 1).bit_length()
-            fn = self._llm_fn(
-                P, self.bucket(self.llm_seen + P), self.temperature, self.top_p
-            )  # first: sets self.gap
+            # Build (or find) the function first: building it sets self.gap.
+            fn = self._llm_fn(P, self.bucket(self.llm_seen + P), self.temperature, self.top_p)
             self.gap_ids[P][:, : len(gap)] = ids
             self.gap.fill_(len(gap))
             token = fn().item()
         else:
-            self.llm_seen = self.llm_seen or int(self.llm_cache.get_seq_length())  # as in propose
-            hidden = attend(self.llm, ids, self.llm_cache, self.bucket(self.llm_seen + len(gap)))[
-                :, -1
-            ]  # (1, H)
+            # As in propose: the first pass reads after what the cache holds.
+            self.llm_seen = self.llm_seen or int(self.llm_cache.get_seq_length())
+            context = self.bucket(self.llm_seen + len(gap))
+            hidden = attend(self.llm, ids, self.llm_cache, context)[:, -1]  # (1, H)
             logits = self.llm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
             token = r2r.sample(logits, self.temperature, self.top_p, self.u_llm).item()
         self.llm_seen += len(gap)
         return token
 
     def _decide(self, hidden, logits, use_router, temperature, top_p):
-        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V) -> (2,): candidate, routed."""
+        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V) -> (2,):
+        candidate, routed."""
         token = r2r.sample(logits, temperature, top_p, self.u_slm)  # (1,)
         if not use_router:
             return torch.cat([token, torch.zeros_like(token)])
         feats = r2r.router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])
-        return torch.cat(
-            [
-                token,
-                (torch.sigmoid(self.router(*feats)).to(self.threshold) >= self.threshold).long(),
-            ]
-        )
+        routed = torch.sigmoid(self.router(*feats)).to(self.threshold) >= self.threshold  # (1,)
+        return torch.cat([token, routed.long()])
 
     def _slm_fn(self, context, use_router, temperature, top_p):
-        """Steps 1-2 for the token in self.fresh, as one captured function -> (2,): candidate, routed."""
+        """Steps 1-2 for the token in self.fresh, as one captured function -> (2,):
+        candidate, routed."""
 
         def fn():
             hidden = attend(self.slm, self.fresh, self.slm_cache, context)[:, -1]  # (1, H)
             logits = self.slm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
             return self._decide(hidden, logits, use_router, temperature, top_p)
 
-        return self._captured(
-            (
-                "slm",
-                context,
-                use_router,
-                temperature,
-                top_p,
-                id(self.router) if use_router else None,
-            ),
-            fn,
-            True,
-        )
+        router_id = id(self.router) if use_router else None
+        key = ("slm", context, use_router, temperature, top_p, router_id)
+        return self._captured(key, fn, True)
 
     def _llm_fn(self, P, context, temperature, top_p):
-        """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P -> the LLM's token (1,)."""
-        self.gap.fill_(
-            P
-        )  # any gap <= P is valid while capturing; the caller sets the real one after
+        """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P
+        -> the LLM's token (1,)."""
+        # Any gap <= P is valid while capturing; the caller sets the real one after.
+        self.gap.fill_(P)
 
         def fn():
             start = self.llm_cache.layers[0].cumulative_length.clone()
             hidden = attend(self.llm, self.gap_ids[P], self.llm_cache, context)  # (1, P, H)
-            for layer in self.llm_cache.layers:  # forget the padding
+            # Forget the padding.
+            for layer in self.llm_cache.layers:
                 layer.cumulative_length.copy_(start + self.gap[0])
             logits = self.llm.get_output_embeddings()(hidden[:, self.gap - 1])  # (1, 1, V)
             return r2r.sample(logits[:, 0, : self.vocab_size], temperature, top_p, self.u_llm)
 
         return self._captured(("llm", P, context, temperature, top_p), fn, P == 1)
 
-    @torch.no_grad()  # captured and compiled for inference, as decode runs them
+    # Captured and compiled for inference, as decode runs them.
+    @torch.no_grad()
     def prepare(self, router, *, mode="r2r", temperature=0.0, top_p=1.0, up_to=None):
-        """Capture now every function a decode in `mode` up to `up_to` tokens can use (bench.py times decodes with no
-        capture inside). Needs allocated caches: call it after a decode."""
-        self.router, up_to = router, min(up_to or self.size, self.size)
-        for c in (
-            self.contexts[: self.contexts.index(self.bucket(up_to)) + 1] if mode != "llm" else []
-        ):
-            self._slm_fn(c, mode == "r2r", temperature, top_p)
-        for P in self.buckets if mode != "slm" else []:
-            for c in self.contexts[: self.contexts.index(self.bucket(up_to + P)) + 1]:
-                self._llm_fn(P, c, temperature, top_p)
+        """Capture now every function a decode in `mode` up to `up_to` tokens can use (bench.py
+        times decodes with no capture inside). Needs allocated caches: call it after a decode."""
+        self.router = router
+        up_to = min(up_to or self.size, self.size)
+        if mode != "llm":
+            for c in self.contexts[: self.contexts.index(self.bucket(up_to)) + 1]:
+                self._slm_fn(c, mode == "r2r", temperature, top_p)
+        if mode != "slm":
+            for P in self.buckets:
+                for c in self.contexts[: self.contexts.index(self.bucket(up_to + P)) + 1]:
+                    self._llm_fn(P, c, temperature, top_p)
 
     def _captured(self, key, fn, compiled):
-        """fn, built once per key, under no_grad: a function that recorded autograd would keep what it saved."""
+        """fn, built once per key, under no_grad: a function that recorded autograd
+        would keep what it saved."""
         if key not in self.fns:
             self.fns[key] = Captured(self.router, self._capture(torch.no_grad()(fn), compiled))
         return self.fns[key].fn
 
     def _capture(self, fn, compiled):
-        """fn as a CUDA graph replayed on each call (compiled first if `compiled`), or fn itself off CUDA."""
+        """fn as a CUDA graph replayed on each call (compiled first if `compiled`),
+        or fn itself off CUDA."""
         if not self.graphs:
             return fn
-        # Every key's function is a closure of the same code: dynamo counts each against one recompile limit.
-        torch._dynamo.config.recompile_limit = max(
-            torch._dynamo.config.recompile_limit, len(self.fns) + 8
-        )
-        t0, fn = time.perf_counter(), torch.compile(fn, dynamic=False) if compiled else fn
+        # Every key's function is a closure of the same code: dynamo counts each against one
+        # recompile limit.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, len(self.fns) + 8)
+        t0 = time.perf_counter()
+        fn = torch.compile(fn, dynamic=False) if compiled else fn
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._warm_up(fn)
         torch.cuda.current_stream().wait_stream(stream)
-        graph, gen = torch.cuda.CUDAGraph(), getattr(self.router, "generator", None)
-        if (
-            gen is not None and gen.device.type == "cuda"
-        ):  # the random baseline draws inside the graph
+        graph = torch.cuda.CUDAGraph()
+        gen = getattr(self.router, "generator", None)
+        # The random baseline draws inside the graph.
+        if gen is not None and gen.device.type == "cuda":
             graph.register_generator_state(gen)
-        with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one at a time
+        # One pool: graphs replay one at a time.
+        with torch.cuda.graph(graph, pool=self.pool):
             out = fn()
         torch.cuda.synchronize()
         self.setup_seconds += time.perf_counter() - t0

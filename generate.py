@@ -1,7 +1,7 @@
 """
-generate.py: R2R mixed decoding (R2R Stage 3). The SLM writes every token except
-those the router sends to the LLM, which first catches up on the tokens it has not seen
-in one forward pass over the gap. Both KV caches only ever hold committed tokens: no rollback.
+generate.py: R2R mixed decoding (R2R Stage 3). The SLM writes every token except those the
+router sends to the LLM, which first catches up on the tokens it has not read (the gap) in one
+forward pass. Both KV caches only ever hold committed tokens: nothing is rolled back.
 
     python generate.py --prompt "4837+2956"                   # the demo pair and its router
     python generate.py --prompt "4837+2956" --mode llm        # every token from the LLM
@@ -9,11 +9,11 @@ in one forward pass over the gap. Both KV caches only ever hold committed tokens
         --router router/ --prompts-file prompts.jsonl --json
 
 On a terminal each response appears as it is decoded (at --batch-size 1; larger batches print
-whole responses), the LLM's tokens in colour; written to a file or a pipe, each response is
-one line with the LLM's tokens marked [[...]]. Then one
-summary line per prompt; with --json, one JSON object per prompt per line instead.
-The decoding loop itself is r2r.decode (r2r.decode_batch for several prompts at once), over the
-engine that fast.pick_engine chooses; bench.py and evaluate.py use them too.
+whole responses), the LLM's tokens in colour; written to a file or a pipe, each response is one
+line with the LLM's tokens marked [[...]]. Then one summary line per prompt; with --json, one
+JSON object per prompt per line instead. The decoding loop itself is r2r.decode
+(r2r.decode_batch for several prompts at once), over the engine that fast.pick_engine chooses;
+bench.py and evaluate.py use them too.
 """
 
 import json
@@ -26,7 +26,8 @@ import torch
 import fast
 import r2r
 
-COLOUR = ("\033[1;31m", "\033[0m")  # the LLM's tokens on a terminal: bold red
+# The LLM's tokens on a terminal: bold red.
+COLOUR = ("\033[1;31m", "\033[0m")
 
 
 def parse_args(argv=None):
@@ -56,7 +57,8 @@ def parse_args(argv=None):
         "--threshold",
         type=float,
         default=None,
-        help="route to the LLM when the router's score is at least this (default: the router's saved one)",
+        help="route to the LLM when the router's score is at least this (default: the "
+        "router's saved one)",
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=256, help="stop after this many new tokens"
@@ -78,8 +80,8 @@ def parse_args(argv=None):
         "--batch-size",
         type=int,
         default=1,
-        help="prompts decoded at once (r2r.decode_batch); "
-        "in fp32 the tokens are the same at every batch size (tests/test_batch.py); streams only at 1",
+        help="prompts decoded at once (r2r.decode_batch); in fp32 the tokens are the same at "
+        "every batch size (tests/test_batch.py); streams only at 1",
     )
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
@@ -107,45 +109,56 @@ def demo_note(args, prompt):
     if DEMO_TASK.fullmatch(re.sub(r"\s", "", prompt)):
         return None
     return (
-        f"note: the demo pair only knows a+b with 2 to 4 digit operands (like 4837+2956), so expect "
-        f"nonsense for {prompt!r}; pass --slm/--llm/--router for your own pair"
+        "note: the demo pair only knows a+b with 2 to 4 digit operands (like 4837+2956), so "
+        f"expect nonsense for {prompt!r}; pass --slm/--llm/--router for your own pair"
     )
 
 
 class Prefixes:
-    """The text of a growing response's prefixes, tok.decode(tokens[:end]) without its special tokens, decoded
-    from the last point where it ended on a whole character (a few tokens before it, for their context), not
-    from the start: a response of n tokens costs O(n), not O(n^2) (vLLM's incremental detokenization)."""
+    """The text of a growing response's prefixes, tok.decode(tokens[:end]) without its special
+    tokens, decoded from the last point where it ended on a whole character (a few tokens before
+    it, for their context), not from the start: a response of n tokens costs O(n), not O(n^2)
+    (vLLM's incremental detokenization)."""
 
     def __init__(self, tok, context=4):
-        self.tok, self.context, self.at, self.text = tok, context, 0, ""
+        self.tok = tok
+        self.context = context
+        # Where the text last ended on a whole character, and that text.
+        self.at = 0
+        self.text = ""
 
     def __call__(self, tokens, end):
         a = max(0, self.at - self.context)
         known = self.tok.decode(tokens[a : self.at], skip_special_tokens=True)
         full = self.tok.decode(tokens[a:end], skip_special_tokens=True) if end >= self.at else ""
-        if end < self.at or not full.startswith(known):  # not a continuation: decode it all
+        # Not a continuation: decode it all.
+        if end < self.at or not full.startswith(known):
             return self.tok.decode(tokens[:end], skip_special_tokens=True)
         text = self.text + full[len(known) :]
-        if not text.endswith("\ufffd"):  # a whole character: the next call starts here
+        # A whole character: the next call starts here.
+        if not text.endswith("\ufffd"):
             self.at, self.text = end, text
         return text
 
 
 def render(tok, trace, colour):
-    """The new text with the LLM's tokens marked. Decodes whole prefixes at each change of writer and slices, so
-    spaces come out as in one decode; a character whose bytes two writers share goes whole to the run that
-    completes it, as Stream writes it."""
+    """The new text with the LLM's tokens marked. Decodes whole prefixes at each change of writer
+    and slices, so spaces come out as in one decode; a character whose bytes two writers share
+    goes whole to the run that completes it, as Stream writes it."""
     marks = COLOUR if colour else ("[[", "]]")
-    text, prev, start, n, prefix = [], "", 0, len(trace.tokens), Prefixes(tok)
+    prefix = Prefixes(tok)
+    n = len(trace.tokens)
+    text = []
+    # The text so far, and the first token of the current run of one writer.
+    prev, start = "", 0
     for i in range(1, n + 1):
         if i == n or trace.from_llm[i] != trace.from_llm[start]:
             full = prefix(trace.tokens, i)
-            full = (
-                full if i == n else full.rstrip("\ufffd")
-            )  # a split character's first bytes wait for the rest
+            # A split character's first bytes wait for the rest.
+            full = full if i == n else full.rstrip("\ufffd")
             piece = full[len(prev) :]
-            if trace.from_llm[start] and piece.strip():  # leading space stays outside the marks
+            # Leading spaces stay outside the marks.
+            if trace.from_llm[start] and piece.strip():
                 lead = piece[: len(piece) - len(piece.lstrip())]
                 piece = f"{lead}{marks[0]}{piece.lstrip()}{marks[1]}"
             text.append(piece)
@@ -160,18 +173,22 @@ class Stream:
     run's end. Text is written once it decodes to whole characters (no trailing U+FFFD)."""
 
     def __init__(self, tok, out=None):
-        self.prefix, self.out = Prefixes(tok), out or sys.stdout
-        self.printed = ""  # the plain text written so far
-        self.start = 0  # first token of the current run of one writer
-        self.held = ""  # leading spaces of an LLM run, written when its first character arrives
-        self.opened = False  # the current LLM run's colour is on
+        self.prefix = Prefixes(tok)
+        self.out = out or sys.stdout
+        # The plain text written so far.
+        self.printed = ""
+        # The first token of the current run of one writer.
+        self.start = 0
+        # Leading spaces of an LLM run, written when its first character arrives.
+        self.held = ""
+        # Whether the current LLM run's colour is on.
+        self.opened = False
 
     def __call__(self, slm_cache, llm_cache, traces):
         trace = traces[0]
         n = len(trace.tokens)
-        if (
-            trace.from_llm[n - 1] != trace.from_llm[self.start]
-        ):  # a new run begins at the newest token
+        # A new run begins at the newest token.
+        if trace.from_llm[n - 1] != trace.from_llm[self.start]:
             self.flush(trace, n - 1)
             self.start = n - 1
         text = self.prefix(trace.tokens, n)
@@ -179,7 +196,8 @@ class Stream:
             self.write(text[len(self.printed) :], trace.from_llm[self.start])
 
     def flush(self, trace, end):
-        """Write the current run up to token `end` and close it; a character split there goes to the next run."""
+        """Write the current run up to token `end` and close it; a character split there goes to
+        the next run."""
         text = self.prefix(trace.tokens, end)
         text = text if end == len(trace.tokens) else text.rstrip("\ufffd")
         self.write(text[len(self.printed) :], trace.from_llm[self.start])
@@ -232,11 +250,8 @@ def show(prompt, trace, tok, s, args, stream):
     """One response: a JSON line, or its text (already streamed, or rendered now) and a summary."""
     if args.json:
         text = tok.decode(trace.tokens, skip_special_tokens=True)
-        print(
-            json.dumps(
-                dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)
-            )
-        )
+        row = dict(prompt=prompt, text=text, token_ids=trace.tokens, from_llm=trace.from_llm, **s)
+        print(json.dumps(row))
         return
     if stream is not None:
         stream.flush(trace, len(trace.tokens))
@@ -244,8 +259,9 @@ def show(prompt, trace, tok, s, args, stream):
     else:
         print(render(tok, trace, colour=sys.stdout.isatty()))
     print(
-        f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | {s['llm_calls']} LLM calls, "
-        f"mean catch-up {s['mean_catch_up']:.1f} tokens | {s['tokens_per_s']:.1f} tokens/s | "
+        f"-- {s['new_tokens']} new tokens | LLM share {s['llm_share']:.1%} | "
+        f"{s['llm_calls']} LLM calls, mean catch-up {s['mean_catch_up']:.1f} tokens | "
+        f"{s['tokens_per_s']:.1f} tokens/s | "
         f"avg activated params {s['activated_params'] / 1e6:.3g}M"
     )
 
@@ -263,10 +279,9 @@ def main(argv=None):
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
-    limits = r2r.EagerEngine(slm, llm, tok)  # reads the models' positions off their configs
-    rooms = [
-        r2r.room(limits, p, args.max_new_tokens) for p in ids
-    ]  # refuses, before decoding, a prompt with none
+    # Refuses, before decoding, a prompt with no room in the models' positions.
+    limits = r2r.pair_limits(tok, slm, llm)
+    rooms = [r2r.room(limits, p, args.max_new_tokens) for p in ids]
     gens = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(ids))]
     engine = fast.pick_engine(
         slm,
@@ -276,9 +291,8 @@ def main(argv=None):
         max_tokens=max(len(p) + r for p, r in zip(ids, rooms)),
         batch_size=args.batch_size,
     )
-    live = (
-        sys.stdout.isatty() and not args.json and args.batch_size == 1
-    )  # stream to a terminal, one prompt at a time
+    # Stream to a terminal, one prompt at a time.
+    live = sys.stdout.isatty() and not args.json and args.batch_size == 1
     done = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = range(first, min(first + args.batch_size, len(prompts)))
@@ -293,7 +307,7 @@ def main(argv=None):
         for i, trace in zip(chunk, traces):
             show(prompts[i], trace, tok, summarize(trace, p_slm, p_llm), args, stream)
         done += traces
-    r2r.note_cut(engine, done, rooms, args.max_new_tokens)
+    r2r.note_cut(limits, done, rooms, args.max_new_tokens)
 
 
 if __name__ == "__main__":

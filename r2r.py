@@ -1,7 +1,10 @@
 """
-r2r.py: R2R ("Roads to Rome", arXiv 2505.21600) and what the scripts share. Top to bottom: the router's
-features, the router and its baselines, the four steps of mixed decoding and the loop over them (batch size 1,
-then batched); then the plumbing. fast.py runs the loop's seam on CUDA graphs. No labeling, training or reports.
+r2r.py: R2R ("Roads to Rome", arXiv 2505.21600) and what the scripts share.
+
+Top to bottom: the router's features, the router and its baselines, the four steps of mixed
+decoding and the loop over them (batch size 1, then batched); then the plumbing: the pair's
+limits, the answer rule, the label files, command line, device, loading, prompts. fast.py runs
+the loop's seam on CUDA graphs. No labeling, training or reports: those are the scripts.
 """
 
 import argparse
@@ -10,7 +13,9 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,31 +27,33 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+PAPER = "https://arxiv.org/abs/2505.21600"
+
 
 class R2RError(Exception):
     """Bad input: the scripts print its message as one line and exit with status 1."""
 
 
-# ----------------------------------------------------------------------------- features and the router
+# ----------------------------------------------------------------------------- the router
 
 
 def forward(model, ids, cache=None, *, last=False, **kw):
-    """One pass over `ids` (B, T) extending `cache` (`kw`: padded batches' mask, positions) -> the last hidden state
-    (B, T, H) and logits (B, T, V), or with last=True (B, 1, V): a 4K-token prefill's T x V costs gigabytes."""
-    ids, kw = (
-        ids.to(model.device),
-        {k: v.to(model.device) for k, v in kw.items()},
-    )  # SLM and LLM may differ
-    out = model.base_model(
-        input_ids=ids, cache=cache, use_cache=cache is not None, **kw
-    )  # not every layer's
+    """One pass over `ids` (B, T) extending `cache` (`kw`: a padded batch's mask and positions)
+    -> the last hidden state (B, T, H) and logits (B, T, V), or with last=True (B, 1, V): a
+    4K-token prefill's T x V logits cost gigabytes."""
+    # The SLM and the LLM may sit on different devices.
+    ids = ids.to(model.device)
+    kw = {k: v.to(model.device) for k, v in kw.items()}
+    # The base model returns the last hidden state only, not every layer's.
+    out = model.base_model(input_ids=ids, cache=cache, use_cache=cache is not None, **kw)
     hidden = out.last_hidden_state  # (B, T, H)
     return hidden, model.get_output_embeddings()(hidden[:, -1:] if last else hidden)
 
 
 def router_inputs(slm, hidden, logits, tokens, k):
-    """The router's features (Stage 2), for labels and decoding alike: SLM hidden state (N, H), sorted top-k logits
-    (N, k), and the SLM's input embedding of the token it is about to emit (N, H)."""
+    """The router's features (R2R Stage 2), for labels and decoding alike: the SLM's last hidden
+    state (N, H), its sorted top-k logits (N, k), and its input embedding of the token it is
+    about to emit (N, H)."""
     topk = logits.float().topk(k, dim=-1).values  # (N, k)
     return hidden.float(), topk, slm.get_input_embeddings()(tokens).float()
 
@@ -56,25 +63,19 @@ class Block(nn.Module):
 
     def __init__(self, width, dropout):
         super().__init__()
-        self.norm, self.up, self.down = (
-            nn.LayerNorm(width),
-            nn.Linear(width, 4 * width),
-            nn.Linear(4 * width, width),
-        )
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
         return x + self.drop(self.down(F.gelu(self.up(self.norm(x)))))
 
 
-class Router(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="r2r",
-    paper_url="https://arxiv.org/abs/2505.21600",
-):
-    """Scores an SLM step; high means "the LLM writes this token" (R2R Stage 2; the authors: 6 blocks of 1024, 56M
-    parameters). The hub mixin: save_pretrained/push_to_hub/from_pretrained, model.safetensors + config.json."""
+class Router(nn.Module, PyTorchModelHubMixin, library_name="r2r", paper_url=PAPER):
+    """Scores an SLM step; high means "the LLM writes this token" (R2R Stage 2; the authors use 6
+    blocks of width 1024, 56M parameters). The hub mixin gives save_pretrained, push_to_hub and
+    from_pretrained: model.safetensors + config.json."""
 
     def __init__(
         self, hidden_size, top_k=100, width=128, n_blocks=2, dropout=0.1, threshold=0.5, slm=None
@@ -89,13 +90,11 @@ class Router(
             threshold=threshold,
             slm=slm,
         )
-        self._hub_mixin_config = (
-            self.config
-        )  # one dict, so a threshold set after training is saved too
+        # One dict, so that a threshold set after training is saved too.
+        self._hub_mixin_config = self.config
         self.logit_proj = nn.Linear(top_k, hidden_size)
-        self.norm = nn.LayerNorm(
-            3 * hidden_size
-        )  # hidden states and logits live on very different scales
+        # Hidden states and logits live on very different scales.
+        self.norm = nn.LayerNorm(3 * hidden_size)
         self.inp = nn.Linear(3 * hidden_size, width)
         self.blocks = nn.Sequential(*[Block(width, dropout) for _ in range(n_blocks)])
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
@@ -105,7 +104,7 @@ class Router(
         return self.config["threshold"]
 
     def forward(self, hidden, topk, emb):
-        """(N, H), (N, k), (N, H) -> (N,) logits; sigmoid gives the routing score."""
+        """(N, H), (N, k), (N, H) -> (N,) logits; their sigmoid is the routing score."""
         x = torch.cat([hidden, self.logit_proj(topk), emb], dim=-1)  # (N, 3H)
         return self.out(self.blocks(self.inp(self.norm(x)))).squeeze(-1)
 
@@ -117,12 +116,13 @@ class Router(
 
 
 class ConfidenceRouter(nn.Module):
-    """The authors' baselines: route by SLM entropy, by low top-1 probability, or at random, read
-    off the top-k logits (exact when k covers the vocabulary). Router's interface."""
+    """The authors' baselines: route by SLM entropy, by low top-1 probability, or at random,
+    read off the top-k logits (exact when k covers the vocabulary). Router's interface."""
 
     def __init__(self, kind, top_k, threshold=0.5, generator=None):
         super().__init__()
-        self.kind, self.generator = kind, generator
+        self.kind = kind
+        self.generator = generator
         self.config = dict(top_k=top_k, threshold=threshold)
 
     threshold = Router.threshold
@@ -143,49 +143,48 @@ def confidence_scores(topk, generator=None):
     )
 
 
-# ----------------------------------------------------------------------------- the four steps and the loop
+# ----------------------------------------------------------------------------- the four steps
 
 
 def slm_step(slm, fresh, cache, V, **kw):
-    """Step 1: the SLM reads the tokens it has not seen, `fresh` (B, T): the prompts, then each
-    committed token (`kw`: mask and positions of a padded batch). -> hidden (B, H), logits (B, V)."""
+    """Step 1: the SLM reads `fresh` (B, T), the tokens it has not read: the prompts, then each
+    committed token (`kw`: a padded batch's mask and positions). -> hidden (B, H), logits (B, V)."""
     hidden, logits = forward(slm, fresh, cache, last=True, **kw)
     return hidden[:, -1], logits[:, -1, :V]
 
 
 def route(router, slm, hidden, logits, tokens, threshold):
-    """Step 2: which candidates `tokens` (B,) go to the LLM? (B,) bools. The router decides before
-    any cache has seen the token, which is why R2R never rolls back."""
-    scores = torch.sigmoid(
-        router(*router_inputs(slm, hidden, logits, tokens, router.config["top_k"]))
-    )
+    """Step 2: which candidates `tokens` (B,) go to the LLM? -> (B,) bools. The router decides
+    before any cache has read the token, which is why R2R never rolls back."""
+    features = router_inputs(slm, hidden, logits, tokens, router.config["top_k"])
+    scores = torch.sigmoid(router(*features))
+    # Compared in float64 (MPS has none), so every engine routes the same scores alike.
     return scores.to(torch.float32 if scores.device.type == "mps" else torch.float64) >= threshold
 
 
 def catch_up(llm, gap, cache, **kw):
-    """Step 3, R2R's catch-up (Stage 3): ONE LLM pass over every token committed since its last
-    call, `gap` (B, T_gap), a prefill of the gap. -> its next-token logits (B, V)."""
+    """Step 3, R2R's catch-up (Stage 3): ONE LLM pass over `gap` (B, T_gap), every token
+    committed since its last call: a prefill of the gap. -> its next-token logits (B, V)."""
     return forward(llm, gap, cache, last=True, **kw)[1][:, -1]
 
 
 def sample(logits, temperature, top_p, u):
-    """Tokens (B,) from logits (B, V): argmax at temperature 0, else where the top-p CDF reaches u (B,); no sync."""
+    """Tokens (B,) from logits (B, V): the argmax at temperature 0, else the token where the top-p
+    CDF reaches the uniform draw u (B,); no host sync."""
     if temperature == 0:
         return logits.argmax(-1)
-    p, idx = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)  # (B, V)
-    p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0)  # the smallest prefix whose mass reaches top_p
+    p, idx = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
+    # The smallest prefix whose mass reaches top_p.
+    p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0)  # (B, V)
     cdf = p.cumsum(-1)  # (B, V)
-    j = torch.searchsorted(cdf, u[:, None].to(cdf) * cdf[:, -1:]).clamp(
-        max=p.shape[-1] - 1
-    )  # (B, 1)
-    return idx.gather(-1, j)[:, 0]
+    j = torch.searchsorted(cdf, u[:, None].to(cdf) * cdf[:, -1:])  # (B, 1)
+    return idx.gather(-1, j.clamp(max=p.shape[-1] - 1))[:, 0]
 
 
 def uniforms(generators, device):
     """One uniform draw per row (B,), row b from generators[b] (None: torch's own), on `device`."""
-    return torch.cat(
-        [torch.rand(1, generator=g, device=g.device if g else device) for g in generators]
-    ).to(device)
+    draws = [torch.rand(1, generator=g, device=g.device if g else device) for g in generators]
+    return torch.cat(draws).to(device)
 
 
 def mean_catch_up(gaps):
@@ -196,7 +195,7 @@ def mean_catch_up(gaps):
 
 
 class Proposal(NamedTuple):
-    """What steps 1-2 give the loop: the SLM's candidate and whether the router sends it to the LLM."""
+    """What steps 1-2 give the loop: the SLM's candidate, and whether the router sends it on."""
 
     token: int
     routed: bool
@@ -204,14 +203,15 @@ class Proposal(NamedTuple):
 
 @dataclass
 class Trace:
-    """One decode: new tokens, who wrote each (1 = LLM), the gap each LLM call read (new tokens
-    only), seconds."""
+    """One decode: its new tokens, who wrote each (1 = the LLM), the gap each LLM call read (new
+    tokens only), seconds."""
 
     tokens: list = field(default_factory=list)
     from_llm: list = field(default_factory=list)
     gaps: list = field(default_factory=list)
     seconds: float = 0.0
-    llm_read: int = 0  # new tokens the LLM had read at its last call
+    # New tokens the LLM had read at its last call.
+    llm_read: int = 0
 
     def commit(self, token, routed):
         """Step 4: the token joins the response; an LLM call read every token before it."""
@@ -227,11 +227,10 @@ class Trace:
 
     @property
     def mean_catch_up(self):
-        """New tokens per LLM call, leaving out a first call that read only the prompt."""
         return mean_catch_up(self.gaps)
 
     def activated_params(self, p_slm, p_llm):
-        """Average activated parameters per token, the authors' formula: (n_slm P_slm + n_llm P_llm) / n."""
+        """Average activated parameters per token, the authors' (n_slm P_slm + n_llm P_llm) / n."""
         n_llm = sum(self.from_llm)
         return ((len(self.tokens) - n_llm) * p_slm + n_llm * p_llm) / max(len(self.tokens), 1)
 
@@ -247,26 +246,15 @@ class Trace:
 
 
 class EagerEngine:
-    """Steps 1-3 over two DynamicCaches: `decode` calls start(), propose() (1-2), catch_up() (3); fast.py too."""
+    """Steps 1-3 over two DynamicCaches, the seam `decode` runs on: start() a prompt, propose()
+    (steps 1-2), catch_up() (step 3). fast.FastEngine implements the same seam."""
 
     def __init__(self, slm, llm, tok):
-        self.slm, self.llm = slm, llm
-        self.vocab_size = len(tok)  # only the shared tokenizer's ids are ever compared or emitted
-        models = [m for m in (slm, llm) if m is not None]
-        # Stop ids: the tokenizer's EOS and every EOS id of the models' generation configs.
-        eos = [tok.eos_token_id] + [m.generation_config.eos_token_id for m in models]
-        self.eos = {i for e in eos if e is not None for i in ([e] if isinstance(e, int) else e)}
-        # The most tokens (prompt + response) that every model can place.
-        self.max_tokens = min(
-            filter(
-                None,
-                (
-                    getattr(m.config.get_text_config(), "max_position_embeddings", None)
-                    for m in models
-                ),
-            ),
-            default=sys.maxsize,
-        )
+        self.slm = slm
+        self.llm = llm
+        # Only the shared tokenizer's ids are ever compared or emitted.
+        self.vocab_size = len(tok)
+        self.limits = pair_limits(tok, slm, llm)
 
     def start(
         self,
@@ -281,47 +269,35 @@ class EagerEngine:
         max_new_tokens,
     ):
         """A new prompt: empty caches (they grow as needed), and how steps 1-3 decide and pick."""
-        self.slm_cache, self.llm_cache = DynamicCache(), DynamicCache()
-        self.router, self.use_router, self.threshold = router, use_router, threshold
-        self.temperature, self.top_p = temperature, top_p
-        self.uniforms = lambda device: (
-            uniforms([generator], device) if temperature else None
-        )  # (1,) or greedy
+        self.slm_cache = DynamicCache()
+        self.llm_cache = DynamicCache()
+        self.router = router
+        self.use_router = use_router
+        self.threshold = threshold
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def pick(self, logits):
+        """A token (1,) from logits (1, V): greedy, or by one draw from the prompt's generator."""
+        u = uniforms([self.generator], logits.device) if self.temperature else None
+        return sample(logits, self.temperature, self.top_p, u)
 
     def propose(self, fresh):
-        """Steps 1-2: the SLM reads the token ids `fresh` and proposes a candidate; the router decides."""
-        hidden, logits = slm_step(
-            self.slm, torch.tensor([fresh]), self.slm_cache, self.vocab_size
-        )  # (1, H), (1, V)
-        token = sample(logits, self.temperature, self.top_p, self.uniforms(logits.device))  # (1,)
-        routed = (
-            self.use_router
-            and route(self.router, self.slm, hidden, logits, token, self.threshold).item()
-        )
-        return Proposal(token.item(), routed)
+        """Steps 1-2: the SLM reads the token ids `fresh` and proposes a candidate; the router
+        decides."""
+        hidden, logits = slm_step(self.slm, torch.tensor([fresh]), self.slm_cache, self.vocab_size)
+        token = self.pick(logits)  # (1,)
+        if not self.use_router:
+            return Proposal(token.item(), False)
+        routed = route(self.router, self.slm, hidden, logits, token, self.threshold)
+        return Proposal(token.item(), routed.item())
 
     def catch_up(self, gap):
         """Step 3: the LLM reads the token ids `gap` in one pass and writes the next token."""
-        logits = catch_up(self.llm, torch.tensor([gap]), self.llm_cache)[
-            :, : self.vocab_size
-        ]  # (1, V)
-        return sample(logits, self.temperature, self.top_p, self.uniforms(logits.device)).item()
+        logits = catch_up(self.llm, torch.tensor([gap]), self.llm_cache)  # (1, V')
+        return self.pick(logits[:, : self.vocab_size]).item()
 
 
-def decode_defaults(engine, router, threshold, eos):
-    """The loops' defaults, in one place: the router's saved threshold, the engine's stop ids."""
-    threshold = router.threshold if threshold is None and router is not None else threshold
-    return threshold, engine.eos if eos is None else eos
-
-
-def room(engine, prompt_ids, max_new_tokens):
-    """New tokens a prompt may get: max_new_tokens, or fewer where the models' positions end."""
-    if len(prompt_ids) >= engine.max_tokens:
-        raise R2RError(
-            f"a prompt of {len(prompt_ids)} tokens leaves no room in the models' {engine.max_tokens} "
-            "positions: shorten it"
-        )
-    return min(max_new_tokens, engine.max_tokens - len(prompt_ids))
+# ----------------------------------------------------------------------------- the loop
 
 
 @torch.no_grad()
@@ -339,13 +315,17 @@ def decode(
     eos=None,
     on_step=None,
 ):
-    """R2R's mixed decoding (Stage 3) of one prompt over `engine` -> Trace; mode "slm"/"llm" sends every token to one
-    model. After n commits the SLM cache holds prompt + n-1 new tokens (it reads the last next step), the LLM cache
-    prompt + new tokens up to its last call, `gap` the rest: no cache holds an uncommitted token, nothing rolls
-    back. Stops after an id in `eos` (default: the engine's), max_new_tokens or the last position. After each step:
-    on_step(slm_cache, llm_cache, [trace]), for streaming and tests."""
-    threshold, eos = decode_defaults(engine, router, threshold, eos)
-    n_new = room(engine, prompt_ids, max_new_tokens)
+    """R2R's mixed decoding (Stage 3) of one prompt over `engine` -> Trace. Mode "slm" or "llm"
+    sends every token to one model. Stops after an id in `eos` (default: the pair's stop ids),
+    after max_new_tokens, or at the models' last position. After each step, for streaming and
+    tests: on_step(slm_cache, llm_cache, [trace]).
+
+    The cache invariant: after n commits the SLM cache holds prompt + n - 1 new tokens (it reads
+    the last at its next step), the LLM cache prompt + the new tokens up to its last call, and
+    `gap` the rest. No cache ever holds an uncommitted token, so nothing is rolled back."""
+    threshold = default_threshold(router, threshold)
+    eos = engine.limits.eos if eos is None else eos
+    n_new = room(engine.limits, prompt_ids, max_new_tokens)
     engine.start(
         router,
         prompt_ids,
@@ -358,12 +338,13 @@ def decode(
     )
     trace = Trace()
     # The SLM reads `fresh` at its next step; the LLM reads `gap` at its next call.
-    fresh, gap = list(prompt_ids), list(prompt_ids)
+    fresh = list(prompt_ids)
+    gap = list(prompt_ids)
     t0 = time.perf_counter()
     for _ in range(n_new):
-        # 1.-2. The SLM reads what it has not seen and proposes a candidate; the router decides.
+        # 1.-2. The SLM reads what it has not read and proposes a candidate; the router decides.
         token, routed = engine.propose(fresh) if mode != "llm" else Proposal(None, True)
-        # 3. Routed: the LLM catches up on the gap in one pass, and its token replaces the candidate.
+        # 3. Routed: the LLM catches up on the gap in one pass; its token replaces the candidate.
         if routed:
             token = engine.catch_up(gap)
             gap = []
@@ -379,6 +360,11 @@ def decode(
     return trace
 
 
+def default_threshold(router, threshold):
+    """The threshold a decode routes at: the one asked, else the router's saved one."""
+    return router.threshold if threshold is None and router is not None else threshold
+
+
 # ----------------------------------------------------------------------------- the batched loop
 
 
@@ -392,12 +378,31 @@ class Row(NamedTuple):
 
 @dataclass
 class BatchTrace:
-    """A batched decode: a Trace per row, its steps, the new tokens each batched LLM call read, seconds."""
+    """A batched decode: a Trace per row, its steps, the gap each batched LLM call read, seconds."""
 
     traces: list
     steps: int = 0
     gaps: list = field(default_factory=list)
     seconds: float = 0.0
+
+
+def left_pad(prompts, device):
+    """B prompts as one batch, left-padded to T columns -> ids, mask and positions, each (B, T).
+    Positions count each row's own tokens (0 on padding), so a row's logits are its batch-1's."""
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return ids, mask, pos
+
+
+def keep_rows(keep, caches, *tensors):
+    """Only the rows `keep` of both caches and of each (B, ...) tensor -> the tensors (b, ...).
+    The index stays on the CPU: it indexes caches on any device (device_map)."""
+    idx = torch.tensor(keep, dtype=torch.long)
+    for cache in caches:
+        cache.batch_select_indices(idx)
+    return [x[idx] for x in tensors]
 
 
 @torch.no_grad()
@@ -416,29 +421,29 @@ def decode_batch(
     on_step=None,
     stop=None,
 ):
-    """`decode` for B prompts over an engine's models: steps 1-4 with a batch dimension -> BatchTrace. What
-    differs: each live row commits one token a step, so all rows have read equally many columns, and when ANY
-    row is routed one catch-up (B, gap) serves the batch (a step calls the LLM with probability 1-(1-s)^B at
-    share s); routed rows take the LLM's token. Prompts are left-padded to T columns (masked; positions count
-    each row's own tokens); a row that stops leaves the batch and both caches, so after step n the SLM cache
-    holds T + n - 1 columns. Row b draws from generators[b] in decode's order, so its Trace equals its batch-1.
-    stop(trace) -> True also ends a row (a server's stop strings, a client gone)."""
-    threshold, eos = decode_defaults(engine, router, threshold, eos)
+    """`decode` for B prompts -> BatchTrace: the four steps again, with a batch dimension.
+
+    It is a second loop because a batch changes two things. Every live row commits one token a
+    step, so all rows have read equally many columns, and when ANY row is routed, ONE catch-up
+    (B, gap) serves the batch; only the routed rows take the LLM's token (a step calls the LLM
+    with probability 1 - (1 - s)^B at LLM share s). And rows leave: a row that stops leaves the
+    batch and both caches, so the rest stop paying for it. Prompts are left-padded (left_pad);
+    row b draws from generators[b] in decode's order, so its Trace equals its batch-1 decode.
+    stop(trace) -> True ends a row too (a server's stop strings, a client that left)."""
+    threshold = default_threshold(router, threshold)
+    eos = engine.limits.eos if eos is None else eos
     slm, llm, V = engine.slm, engine.llm, engine.vocab_size
-    B, T, dev = len(prompts), max(map(len, prompts)), llm.device
-    ids = torch.tensor(
-        [[0] * (T - len(p)) + list(p) for p in prompts], device=dev
-    )  # (B, T), left-padded
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
-    pos = (mask.cumsum(-1) - 1).clamp(
-        min=0
-    )  # (B, T): each token's index in its own row, 0 on padding
-    slm_cache, llm_cache = DynamicCache(), DynamicCache()
+    dev = llm.device
+    ids, mask, pos = left_pad(prompts, dev)
+    T = ids.shape[1]
+    slm_cache = DynamicCache()
+    llm_cache = DynamicCache()
+    generators = generators or [None] * len(prompts)
     live = [
-        Row(Trace(), g, room(engine, p, max_new_tokens))
-        for p, g in zip(prompts, generators or [None] * B)
+        Row(Trace(), g, room(engine.limits, p, max_new_tokens)) for p, g in zip(prompts, generators)
     ]
-    batch, t0 = BatchTrace([row.trace for row in live]), time.perf_counter()
+    batch = BatchTrace([row.trace for row in live])
+    t0 = time.perf_counter()
     for n in range(max_new_tokens):
         # 1. SLM step over the columns it has not read: a candidate per live row.
         tokens = [None] * len(live)
@@ -451,44 +456,35 @@ def decode_batch(
             candidates = sample(logits, temperature, top_p, u)  # (b,)
             tokens = candidates.tolist()
         # 2. Route each row.
-        routed = (
-            route(router, slm, hidden, logits, candidates, threshold).tolist()
-            if mode == "r2r"
-            else [mode == "llm"] * len(live)
-        )
+        if mode == "r2r":
+            routed = route(router, slm, hidden, logits, candidates, threshold).tolist()
+        else:
+            routed = [mode == "llm"] * len(live)
         # 3. One LLM catch-up for the whole batch; only the routed rows take its token.
         if any(routed):
             s = llm_cache.get_seq_length()
             batch.gaps.append(ids.shape[1] - max(s, T))
             logits = catch_up(
                 llm, ids[:, s:], llm_cache, attention_mask=mask, position_ids=pos[:, s:]
-            )  # (b, V)
+            )  # (b, V')
             rows = [i for i, r in enumerate(routed) if r]
             u = uniforms([live[i].generator for i in rows], logits.device) if temperature else None
             for i, token in zip(rows, sample(logits[rows, :V], temperature, top_p, u).tolist()):
                 tokens[i] = token
-        # 4. Commit. A row that stops leaves the batch and both caches, so the rest stop paying for it.
+        # 4. Commit: each live row's token joins its response and the next column.
         ids = torch.cat([ids, torch.tensor(tokens, device=dev)[:, None]], dim=1)  # (b, T + n + 1)
-        mask = F.pad(mask, (0, 1), value=1)
+        mask = F.pad(mask, (0, 1), value=1)  # (b, T + n + 1)
         pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)  # (b, T + n + 1)
-        batch.steps, now = n + 1, elapsed(t0, dev)
+        batch.steps = n + 1
+        now = elapsed(t0, dev)
         for row, token, r in zip(live, tokens, routed):
             row.trace.commit(token, r)
             row.trace.seconds = now
-        keep = [
-            i
-            for i, row in enumerate(live)
-            if row.trace.tokens[-1] not in eos
-            and len(row.trace.tokens) < row.room
-            and not (stop and stop(row.trace))
-        ]
+        # Rows that stopped leave the batch and both caches.
+        keep = [i for i, row in enumerate(live) if not finished(row, eos, stop)]
         if len(keep) < len(live):
-            idx = torch.tensor(
-                keep, dtype=torch.long
-            )  # on the CPU: it indexes caches on any device (device_map)
-            ids, mask, pos, live = ids[idx], mask[idx], pos[idx], [live[i] for i in keep]
-            slm_cache.batch_select_indices(idx)
-            llm_cache.batch_select_indices(idx)
+            ids, mask, pos = keep_rows(keep, (slm_cache, llm_cache), ids, mask, pos)
+            live = [live[i] for i in keep]
         if on_step is not None:
             on_step(slm_cache, llm_cache, [row.trace for row in live])
         if not live:
@@ -497,12 +493,161 @@ def decode_batch(
     return batch
 
 
-# ============================================================ plumbing: command line, device, loading, prompts
+def finished(row, eos, stop=None):
+    """Whether a batched row stops: after a stop id, at its room, or when stop(trace) says so."""
+    trace = row.trace
+    return (
+        trace.tokens[-1] in eos
+        or len(trace.tokens) >= row.room
+        or (stop is not None and stop(trace))
+    )
+
+
+# ============================================================ plumbing
+
+# ----------------------------------------------------------------------------- a pair's limits
+
+
+class Limits(NamedTuple):
+    """What ends every response of a pair, in every script alike: a stop id, or the last
+    position that every model can place."""
+
+    eos: frozenset
+    positions: int
+
+
+def pair_limits(tok, *models):
+    """The stop ids (the tokenizer's EOS and every EOS id of the models' generation configs) and
+    the positions (prompt + response) every model can place; None models are skipped."""
+    models = [m for m in models if m is not None]
+    eos = [tok.eos_token_id] + [m.generation_config.eos_token_id for m in models]
+    ids = frozenset(i for e in eos if e is not None for i in ([e] if isinstance(e, int) else e))
+    sizes = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in models]
+    return Limits(ids, min(filter(None, sizes), default=sys.maxsize))
+
+
+def room(limits, prompt_ids, max_new_tokens):
+    """New tokens a prompt may get: max_new_tokens, or fewer where the models' positions end."""
+    if len(prompt_ids) >= limits.positions:
+        raise R2RError(
+            f"a prompt of {len(prompt_ids)} tokens leaves no room in the models' "
+            f"{limits.positions} positions: shorten it"
+        )
+    return min(max_new_tokens, limits.positions - len(prompt_ids))
+
+
+def note_cut(limits, traces, rooms, max_new_tokens):
+    """After decoding: one note if a response stopped at the models' positions (its room), not
+    at a stop id."""
+    if any(
+        len(t.tokens) == r < max_new_tokens and t.tokens[-1] not in limits.eos
+        for t, r in zip(traces, rooms)
+    ):
+        status(
+            f"note: responses stop at the models' {limits.positions} positions, before "
+            f"{max_new_tokens} new tokens"
+        )
+
+
+# ----------------------------------------------------------------------------- the answer rule
+
+
+def same_answer(response, reference):
+    """Whether a response's final answer is `reference` (a dataset's answer, spelled as in the
+    data set: "7793", "\\boxed{\\dfrac{1}{2}}")."""
+    answer = final_answer(response)
+    return answer is not None and answer == reference_answer(reference)
+
+
+def reference_answer(a):
+    """A dataset's answer read as a response's: "\\boxed{\\dfrac{1}{2}}" -> "\\frac{1}{2}",
+    7793 -> "7793"."""
+    if a is None:
+        return None
+    return final_answer(str(a)) if "\\boxed{" in str(a) else normalize_answer(str(a))
+
+
+def final_answer(text):
+    """The final answer of a response, or None: the last \\boxed{...}, braces balanced at any
+    depth, normalised; else a number closing the text after "so"/"thus"/"answer" (the demo
+    task), spaces between digits dropped: "... so 7 7 9 3" -> "7793"."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth = 0
+        open_at = start + len("\\boxed")
+        for i in range(open_at, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return normalize_answer(text[open_at + 1 : i])
+        # The box never closes: a response cut short.
+        return None
+    m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
+    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
+
+
+def normalize_answer(s):
+    """One spelling per answer: "$\\dfrac{1}{2}$." -> "\\frac{1}{2}", "\\left( 1, 2 \\right)" ->
+    "(1,2)", "5\\text{ cm}" -> "5", "50\\%" -> "50"."""
+    s = re.sub(r"\\[dt]frac", r"\\frac", s.strip().strip("$").rstrip(".").strip("$"))
+    s = re.sub(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;:! ]|\^\{?\\circ\}?|\\?%", "", s)
+    # A unit after the value.
+    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    return re.sub(r"\s+", "", s).rstrip(".")
+
+
+# ----------------------------------------------------------------------------- label files
+
+
+# One row per labeled response position, as label.py writes them and train_router.py reads them.
+FEATURES = dict(
+    prompt_id="int64",
+    position="int64",
+    slm_token="int64",
+    llm_token="int64",
+    kind="string",
+    label="int64",
+    hidden=["float32"],
+    topk=["float32"],
+)
+
+
+def label_features():
+    """FEATURES as a datasets.Features (datasets is imported only by the scripts that need it)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            k: datasets.Sequence(datasets.Value(v[0])) if isinstance(v, list) else datasets.Value(v)
+            for k, v in FEATURES.items()
+        }
+    )
+
+
+def load_labels(folder):
+    """A label.py folder: (its meta.json, every finished shard as one dataset)."""
+    import datasets
+
+    meta_file = pathlib.Path(folder, "meta.json")
+    if not meta_file.is_file():
+        raise R2RError(f"no labels in {folder} (no meta.json): give a folder that label.py wrote")
+    shards = os.path.join(folder, "shards")
+    paths = sorted(os.path.join(shards, s) for s in os.listdir(shards) if not s.endswith(".tmp"))
+    # A chunk that kept no row (every response unfinished) is a shard without data files.
+    parts = [
+        datasets.load_from_disk(p)
+        for p in paths
+        if any(f.endswith(".arrow") for f in os.listdir(p))
+    ]
+    meta = json.loads(meta_file.read_text())
+    return meta, datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({})
+
+
+# ----------------------------------------------------------------------------- command line
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
-HUB_NAME = re.compile(
-    r"(?!.*\.(txt|jsonl?)$)\w[\w.-]*(/\w[\w.-]*)?"
-)  # "owner/name" or "name", not "x.jsonl"
+# "owner/name" or "name", but not "x.jsonl".
+HUB_NAME = re.compile(r"(?!.*\.(txt|jsonl?)$)\w[\w.-]*(/\w[\w.-]*)?")
 
 
 def run_main(main):
@@ -518,25 +663,17 @@ def status(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows each flag's default, but never "None"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=False):
-    """A parser whose --help keeps `doc`'s layout and shows defaults, with the shared flags (pair, router, device)."""
-    p = argparse.ArgumentParser(
-        description=doc,
-        formatter_class=type(
-            "Help",
-            (  # no "(default: None)"
-                argparse.RawDescriptionHelpFormatter,
-                argparse.ArgumentDefaultsHelpFormatter,
-            ),
-            {
-                "_get_help_string": lambda self, a: (
-                    a.help
-                    if a.default is None
-                    else argparse.ArgumentDefaultsHelpFormatter._get_help_string(self, a)
-                )
-            },
-        ),
-    )
+    """A parser whose --help keeps `doc`'s layout and shows defaults, with the shared flags (pair,
+    router, device)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     if not pair:
         return p
     p.add_argument(
@@ -586,60 +723,59 @@ def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=F
 def check_args(args, **at_least):
     """What the shared flags and `at_least` (flag=minimum) allow, checked before any model loads."""
     for flag, low in at_least.items():
-        if getattr(args, flag) is not None and getattr(args, flag) < low:
-            raise R2RError(
-                f"--{flag.replace('_', '-')} must be at least {low}, not {getattr(args, flag)}"
-            )
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise R2RError(f"--{flag.replace('_', '-')} must be at least {low}, not {value}")
     if getattr(args, "engine", None) == "fast" and getattr(args, "batch_size", 1) > 1:
         raise R2RError(
             "--engine fast decodes one prompt at a time: use --batch-size 1, or --engine eager"
         )
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise R2RError(
-            f"--device {args.device}, but torch sees no CUDA GPU: leave --device out, or use a CUDA torch"
+            f"--device {args.device}, but torch sees no CUDA GPU: leave --device out, or use a "
+            "CUDA build of torch"
         )
-    for flag, path in (
-        (f, getattr(args, f, None)) for f in "slm llm router verifier prompts prompts_file".split()
-    ):
-        if (
-            path
-            and not os.path.exists(os.path.expanduser(path))
-            and (  # "demo/slmm" is a typo, not a hub name
-                not HUB_NAME.fullmatch(path) or os.path.isdir(path.split("/")[0])
-            )
-        ):
+    for flag in "slm llm router verifier prompts prompts_file".split():
+        path = getattr(args, flag, None)
+        if path and not os.path.exists(os.path.expanduser(path)) and not is_hub_name(path):
             raise R2RError(
-                f"--{flag.replace('_', '-')} {path} does not exist: give an existing path or a hub name"
+                f"--{flag.replace('_', '-')} {path} does not exist: give an existing path or a "
+                "hub name"
             )
 
 
-def note_cut(engine, traces, rooms, max_new_tokens):
-    """After decoding: one note if a response stopped at the models' positions (its room), not at a stop id."""
-    if any(
-        len(t.tokens) == r < max_new_tokens and t.tokens[-1] not in engine.eos
-        for t, r in zip(traces, rooms)
-    ):
-        status(
-            f"note: responses stop at the models' {engine.max_tokens} positions, before {max_new_tokens} new tokens"
-        )
+def is_hub_name(path):
+    """ "owner/name" or "name", but not "demo/slmm", a typo in an existing folder."""
+    return HUB_NAME.fullmatch(path) is not None and not os.path.isdir(path.split("/")[0])
+
+
+# ----------------------------------------------------------------------------- device and loading
 
 
 def pick_device(device=None, dtype=None):
     """cuda, then mps, then cpu; bf16 on cuda, fp32 elsewhere. Says what it chose."""
-    device = device or (
-        "cuda"
-        if torch.cuda.is_available()
-        else "mps"
-        if torch.backends.mps.is_available()
-        else "cpu"
-    )
+    if device is None:
+        device = "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if device.startswith(
-        "cuda"
-    ):  # cuDNN's attention (SDPA's pick on Hopper) plans anew for every length
+    # cuDNN's attention (SDPA's pick on Hopper) plans anew for every length.
+    if device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)
     status(f"device {device}, dtype {dtype}")
     return torch.device(device), getattr(torch, dtype)
+
+
+def peak_memory_gib(device):
+    """Peak memory since torch.cuda.reset_peak_memory_stats(), over the GPUs; else the process's
+    peak RSS so far."""
+    if device.type == "cuda":
+        peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        return peak / 2**30
+    # Linux reports KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def elapsed(t0, device):
@@ -655,7 +791,8 @@ def from_pretrained(loader, path, **kw):
         return loader.from_pretrained(os.path.expanduser(path), **kw)
     except OSError as e:
         raise R2RError(
-            f"cannot load {path} ({str(e).splitlines()[0]}); offline, only folders and cached models load"
+            f"cannot load {path} ({str(e).splitlines()[0]}); offline, only folders and cached "
+            "models load"
         )
 
 
@@ -664,33 +801,30 @@ def load_tokenizer(path):
 
 
 def load_model(path, device="cpu", dtype=torch.float32, *, device_map=None):
-    """A model in eval mode on `device`, or spread over the GPUs by accelerate (device_map="auto")."""
+    """A model in eval mode on `device`, or spread over the GPUs by accelerate (device_map auto)."""
     model = from_pretrained(AutoModelForCausalLM, path, dtype=dtype, device_map=device_map)
     return (model if device_map else model.to(device)).eval()
 
 
 def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_map=None):
-    """SLM, LLM, their shared tokenizer; only its ids are compared (Qwen2.5-0.5B: 151936 lm_head rows, -7B: 152064)."""
-    tok, llm_tok = load_tokenizer(slm_path), load_tokenizer(llm_path)
-    for what in (
-        "vocab",
-        "chat_template",
-        "bos_token",
-        "eos_token",
-    ):  # all but the EOS make the prompt's ids
+    """SLM, LLM and their shared tokenizer. Only the tokenizer's ids are compared: the models may
+    have more output rows (Qwen2.5-0.5B has 151936, -7B 152064)."""
+    tok = load_tokenizer(slm_path)
+    llm_tok = load_tokenizer(llm_path)
+    # All but the EOS make a prompt's ids.
+    for what in ("vocab", "chat_template", "bos_token", "eos_token"):
         if getattr(tok, what) != getattr(llm_tok, what):
             say = f"the {what.replace('_', ' ')}s of {slm_path} and {llm_path} differ"
             if what != "eos_token":
                 raise R2RError(
-                    f"{say}: R2R needs an SLM and LLM that share one tokenizer (e.g. Qwen3-0.6B, -8B)"
+                    f"{say}: R2R needs an SLM and LLM that share one tokenizer (Qwen3-0.6B, -8B)"
                 )
             status(
-                f"warning: {say}; responses stop at the SLM's {tok.eos_token} and the configs' EOS ids"
+                f"warning: {say}; responses stop at the SLM's {tok.eos_token} and the configs' "
+                "EOS ids"
             )
-    slm, llm = (
-        load_model(slm_path, device, dtype),
-        load_model(llm_path, device, dtype, device_map=device_map),
-    )
+    slm = load_model(slm_path, device, dtype)
+    llm = load_model(llm_path, device, dtype, device_map=device_map)
     for m, p in ((slm, slm_path), (llm, llm_path)):
         if m.config.get_text_config().vocab_size < len(tok):
             raise R2RError(f"{p} has fewer output rows than its tokenizer has ids ({len(tok)})")
@@ -702,14 +836,14 @@ def n_params(model):
 
 
 def fingerprint(slm, tok):
-    """What identifies a router's SLM to anyone (never a local path): its hub or folder name, sizes, and a hash
-    of the sign bits of its first embedding rows, which no dtype cast flips (fp16 rounds -1e-9 to -0.0)."""
-    signs = (~torch.signbit(slm.get_input_embeddings().weight[:8].detach().cpu())).numpy().tobytes()
-    name = (
-        os.path.basename(os.path.normpath(slm.name_or_path))
-        if os.path.isdir(slm.name_or_path)
-        else slm.name_or_path
-    )
+    """What identifies a router's SLM to anyone (never a local path): its hub or folder name,
+    sizes, and a hash of the sign bits of its first embedding rows, which no dtype cast flips
+    (fp16 rounds -1e-9 to -0.0)."""
+    rows = slm.get_input_embeddings().weight[:8].detach().cpu()
+    signs = (~torch.signbit(rows)).numpy().tobytes()
+    name = slm.name_or_path
+    if os.path.isdir(name):
+        name = os.path.basename(os.path.normpath(name))
     return dict(
         name=name,
         hidden_size=slm.config.get_text_config().hidden_size,
@@ -721,36 +855,37 @@ def fingerprint(slm, tok):
 def load_router(path, slm, tok, device="cpu"):
     """Router.from_pretrained (a folder or a hub name) on `device`, checked against this SLM."""
     try:
-        with contextlib.redirect_stdout(
-            sys.stderr
-        ):  # huggingface_hub prints a status line; stdout may be --json
+        # huggingface_hub prints a status line, and stdout may be --json.
+        with contextlib.redirect_stdout(sys.stderr):
             router = Router.from_pretrained(path, map_location="cpu", strict=True)
-    except (OSError, TypeError, ValueError, RuntimeError) as e:  # hub errors are OSErrors
+    # Hub errors are OSErrors.
+    except (OSError, TypeError, ValueError, RuntimeError) as e:
         raise R2RError(
             f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
             "train_router.py or a hub name"
         )
-    have, want = (
-        dict(router.config.get("slm") or {}, hidden_size=router.config["hidden_size"]),
-        fingerprint(slm, tok),
-    )
+    have = dict(router.config.get("slm") or {}, hidden_size=router.config["hidden_size"])
+    want = fingerprint(slm, tok)
     for key in ("hidden_size", "vocab"):
         if have.get(key) != want[key]:
             raise R2RError(
-                f"the router {path} was trained for an SLM with {key} {have.get(key)}, but {want['name']} "
-                f"has {want[key]}: train a router for this SLM"
+                f"the router {path} was trained for an SLM with {key} {have.get(key)}, but "
+                f"{want['name']} has {want[key]}: train a router for this SLM"
             )
     if have.get("embedding_sha") != want["embedding_sha"]:
         status(
             f"warning: the router {path} was trained for {have.get('name')}, not for {want['name']}"
         )
-    return router.to(
-        device
-    ).eval()  # the mixin's map_location places the weights it reads, not the module
+    # The mixin's map_location places the weights it reads, not the module.
+    return router.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- prompts
 
 
 def read_prompts(source, split="train", prompt_field="prompt", answer_field="answer", limit=None):
-    """Rows {"prompt", "answer" (or None)}: a .txt (a prompt a line), .json (objects), .jsonl file or hub dataset."""
+    """Rows {"prompt", "answer" (or None)} from a .txt (a prompt a line), .json (objects) or
+    .jsonl file, or a hub dataset."""
     try:
         if os.path.isfile(source):
             rows = read_file(source, prompt_field)
@@ -760,24 +895,27 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
             datasets.disable_progress_bars()
             ds = datasets.load_dataset(source, split=split)
             rows = ds.select(range(min(limit or len(ds), len(ds)))).to_list()
-    except (OSError, ValueError, ConnectionError) as e:  # JSON and UTF-8 errors are ValueErrors
-        why = (
-            "not a UTF-8 text file" if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0]
-        )
+    # JSON and UTF-8 errors are ValueErrors.
+    except (OSError, ValueError, ConnectionError) as e:
+        if isinstance(e, UnicodeDecodeError):
+            why = "not a UTF-8 text file"
+        else:
+            why = str(e).splitlines()[0]
         raise R2RError(
-            f"cannot read prompts from {source} ({why}): give a .txt (one prompt per line), .json or "
-            ".jsonl file, or a HuggingFace dataset"
+            f"cannot read prompts from {source} ({why}): give a .txt (one prompt per line), "
+            ".json or .jsonl file, or a HuggingFace dataset"
         )
     rows = rows[:limit] if limit else rows
     for i, r in enumerate(rows, 1):
-        if (
-            not isinstance(r, dict)
-            or not isinstance(r.get(prompt_field), str)
-            or not r[prompt_field].strip()
-        ):
+        if not isinstance(r, dict) or not isinstance(r.get(prompt_field), str):
+            bad = True
+        else:
+            bad = not r[prompt_field].strip()
+        if bad:
+            fields = ", ".join(r) if isinstance(r, dict) else "-"
             raise R2RError(
-                f"{source} row {i} has no text in a field '{prompt_field}' (fields: "
-                f"{', '.join(r) if isinstance(r, dict) else '-'}): fill or delete it, or set --prompt-field"
+                f"{source} row {i} has no text in a field '{prompt_field}' (fields: {fields}): "
+                "fill or delete it, or set --prompt-field"
             )
     if not rows:
         raise R2RError(f"{source} holds no prompts")
@@ -791,7 +929,8 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
 
 
 def read_file(path, prompt_field):
-    """A local prompts file as a list of rows, blank lines skipped; a ValueError says what is wrong."""
+    """A local prompts file as a list of rows, blank lines skipped; a ValueError says what is
+    wrong."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".txt"):
@@ -799,7 +938,8 @@ def read_file(path, prompt_field):
     if text.lstrip().startswith("["):
         return json.loads(text)
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):  # JSON lines, also under .json
+    # JSON lines, also under .json.
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             rows += [json.loads(line)] if line.strip() else []
         except ValueError as e:
@@ -814,13 +954,8 @@ def encode_prompt(tok, text, chat=True, *, thinking=None):
     if chat and tok.chat_template:
         switch = {} if thinking is None else {"enable_thinking": thinking}
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
-        return list(
-            tok.apply_chat_template(
-                messages,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                **switch,
-            )["input_ids"]
+        ids = tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, **switch
         )
+        return list(ids["input_ids"])
     return tok.encode(text)

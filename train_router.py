@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import r2r
-from label import load_labels
 
 
 def auc(scores, labels):
@@ -31,12 +30,12 @@ def auc(scores, labels):
     [0.1, 0.4, 0.35, 0.8] with labels [0, 0, 1, 1] -> 3 of 4 pairs ordered -> 0.75."""
     y = labels.bool()
     _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
-    ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based, ties share their mean rank
+    # 1-based ranks; ties share their mean rank.
+    ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]
     n_pos = y.sum().item()
+    # Undefined with one class only (a tiny held-out split can have no negatives).
     if n_pos in (0, len(y)):
-        return float(
-            "nan"
-        )  # undefined with one class only (a tiny held-out split can have no negatives)
+        return float("nan")
     return (ranks[y].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos))
 
 
@@ -53,15 +52,15 @@ def threshold_for_share(scores, share):
 
 
 def recall_share(scores, labels, threshold):
+    """(recall of the positives, share of all positions routed) at `threshold`."""
     routed = scores >= threshold
-    return (routed & labels.bool()).sum().item() / max(
-        labels.sum().item(), 1
-    ), routed.float().mean().item()
+    recall = (routed & labels.bool()).sum().item() / max(labels.sum().item(), 1)
+    return recall, routed.float().mean().item()
 
 
 def load_features(folder, device):
     """Tensors from a label folder, plus the SLM's embedding table and fingerprint."""
-    meta, ds = load_labels(folder)
+    meta, ds = r2r.load_labels(folder)
     if len(ds) == 0:
         raise r2r.R2RError(f"{folder} holds no labeled positions: label more prompts")
     cols = ["hidden", "topk", "slm_token", "label", "prompt_id"]
@@ -150,8 +149,9 @@ def fit(router, emb_table, data, y, tr_idx, va_idx, pos_weight, args):
         ).item()
         rec, share = recall_share(s, yv, threshold_for_recall(s, yv, args.recall))
         bar.write(
-            f"epoch {epoch + 1:3d} | train loss {sum(losses) / len(losses):.4f} | val loss {vl:.4f} | "
-            f"val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share {share:.1%}",
+            f"epoch {epoch + 1:3d} | train loss {sum(losses) / len(losses):.4f} | "
+            f"val loss {vl:.4f} | val AUC {auc(s, yv):.3f} | recall {rec:.3f} at LLM share "
+            f"{share:.1%}",
             file=sys.stderr,
         )
         if vl < best:
@@ -188,16 +188,14 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
 
 
 def save_router(router, folder):
-    """router.save_pretrained(folder), each file replaced whole: a killed run leaves no half-written file, and
-    config.json (the threshold), written last, never names weights that are not there yet."""
+    """router.save_pretrained(folder), each file replaced whole: a killed run leaves no
+    half-written file, and config.json (the threshold), written last, never names weights that
+    are not there yet."""
     tmp = folder.rstrip("/") + ".tmp"
     router.save_pretrained(tmp)
     os.makedirs(folder, exist_ok=True)
-    for name in (
-        "model.safetensors",
-        "README.md",
-        "config.json",
-    ):  # config last: it marks a whole router
+    # config.json last: it marks a whole router.
+    for name in ("model.safetensors", "README.md", "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     os.rmdir(tmp)
 
@@ -287,31 +285,31 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     data, slm, tok, meta = load_features(args.labels, args.device)
-    emb_table = slm.get_input_embeddings().float().requires_grad_(False)  # the SLM's own, frozen
+    # The SLM's own embedding table, frozen.
+    emb_table = slm.get_input_embeddings().float().requires_grad_(False)
     split = split_by_prompt(data["prompt_id"], args.val_fraction, args.test_fraction, args.seed)
     y = data["label"].float()
     n_pos = y[split.train].sum().item()
     if min(n_pos, y[split.val].sum(), y[split.test].sum()) == 0:
         raise r2r.R2RError(
-            "the training, validation or held-out prompts hold no divergent label: label more prompts"
+            "the training, validation or held-out prompts hold no divergent label: label more "
+            "prompts"
         )
     # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
     pos_weight = torch.tensor((len(split.train) - n_pos) / n_pos)
-    router = r2r.Router(
-        data["hidden"].shape[1],
-        data["topk"].shape[1],
-        args.width,
-        args.blocks,
-        args.dropout,
-        slm=meta["fingerprint"],
-    ).to(args.device)  # beside emb_table, which load_features placed
+    H, k = data["hidden"].shape[1], data["topk"].shape[1]
+    router = r2r.Router(H, k, args.width, args.blocks, args.dropout, slm=meta["fingerprint"])
+    # Beside emb_table, which load_features placed.
+    router = router.to(args.device)
     print(
-        f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} held-out positions, "
-        f"{y.mean():.2%} divergent, pos_weight {pos_weight:.1f}; router {r2r.n_params(router) / 1e6:.2f}M parameters"
+        f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} held-out "
+        f"positions, {y.mean():.2%} divergent, pos_weight {pos_weight:.1f}; router "
+        f"{r2r.n_params(router) / 1e6:.2f}M parameters"
     )
     fit(router, emb_table, data, y, split.train, split.val, pos_weight, args)
 
-    # Threshold on validation prompts (R2R Stage 2); the report on held-out prompts that chose nothing.
+    # The threshold on validation prompts (R2R Stage 2); the report on held-out prompts, which
+    # chose nothing.
     s, yv = scores_of(router, emb_table, data, split.val), y[split.val]
     t = (
         threshold_for_share(s, args.llm_share)
@@ -327,11 +325,12 @@ def main(argv=None):
     )
     v, h = metrics["validation"], metrics["test"]
     print(
-        f"saved {args.out}: threshold {t:.4f}, chosen on validation: recall {v['recall']:.3f} at LLM share "
-        f"{v['share']:.1%}"
+        f"saved {args.out}: threshold {t:.4f}, chosen on validation: recall {v['recall']:.3f} at "
+        f"LLM share {v['share']:.1%}"
     )
     print(
-        f"held out ({h['positions']} positions, {h['divergent']} divergent), at LLM share {h['share']:.1%}:"
+        f"held out ({h['positions']} positions, {h['divergent']} divergent), at LLM share "
+        f"{h['share']:.1%}:"
     )
     print(f"  {'router':8s} AUC {h['auc']:.3f}  recall {h['recall']:.3f}")
     for name, b in h["baselines"].items():

@@ -35,7 +35,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import r2r  # noqa: E402
-from evaluate import extract_answer  # noqa: E402
 from label import greedy_batch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +46,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %} :{% endif %}"
 )
 
-# ---------------------------------------------------------------------------- the task
+# ------------------------------------------------------------ the task
 
 
 def make_problem(rng, min_digits=2, max_digits=4):
@@ -67,7 +66,8 @@ def solve(prompt, rng):
     """
     a, b = prompt.split("+")
     n = max(len(a), len(b))
-    a, b = a.zfill(n)[::-1], b.zfill(n)[::-1]  # digits from the right; missing ones are 0
+    # digits from the right; missing ones are 0
+    a, b = a.zfill(n)[::-1], b.zfill(n)[::-1]
     swap, write, carry, so = (rng.random() < 0.5 for _ in range(4))
     write, carry, so = (
         ("put" if write else "write"),
@@ -106,7 +106,7 @@ def build_tokenizer():
     )
 
 
-# ---------------------------------------------------------------------------- training
+# ------------------------------------------------------------ training
 
 
 def encode_batch(tok, problems, rng):
@@ -138,7 +138,7 @@ def accuracy(model, tok, problems, batch_size=250):
         chunk = problems[i : i + batch_size]
         replies = greedy_batch(model, tok, [p["prompt"] for p in chunk], max_new_tokens=80)
         correct += sum(
-            extract_answer(tok.decode(r.response_ids, skip_special_tokens=True)) == p["answer"]
+            r2r.final_answer(tok.decode(r.response_ids, skip_special_tokens=True)) == p["answer"]
             for r, p in zip(replies, chunk)
         )
     model.train()
@@ -154,7 +154,8 @@ def train(name, config, tok, val, held_out, target, max_steps, seed, batch_size=
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     print(
         f"{name}: {config.num_hidden_layers} layers x {config.hidden_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, stop at val acc >= {target}"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"stop at val acc >= {target}"
     )
     t0, acc = time.time(), 0.0
     for step in range(1, max_steps + 1):
@@ -164,11 +165,11 @@ def train(name, config, tok, val, held_out, target, max_steps, seed, batch_size=
             if p["prompt"] not in held_out:
                 problems.append(p)
         ids, labels, mask = encode_batch(tok, problems, rng)
-        for g in opt.param_groups:  # warm up over 50 steps, then decay linearly to lr / 10
+        # warm up over 50 steps, then decay linearly to lr / 10
+        for g in opt.param_groups:
             g["lr"] = lr * min(step / 50, 1 - 0.9 * step / max_steps)
-        loss = model(
-            input_ids=ids, attention_mask=mask, labels=labels
-        ).loss  # fp32: bf16 autocast is slower on CPU
+        # fp32: bf16 autocast is slower on CPU
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -176,7 +177,8 @@ def train(name, config, tok, val, held_out, target, max_steps, seed, batch_size=
         if step % 50 == 0:
             acc = accuracy(model, tok, val)
             print(
-                f"{name} step {step:4d} | loss {loss.item():.4f} | val acc {acc:.3f} | {time.time() - t0:.0f}s",
+                f"{name} step {step:4d} | loss {loss.item():.4f} | val acc {acc:.3f} | "
+                f"{time.time() - t0:.0f}s",
                 flush=True,
             )
             if acc >= target:

@@ -3,9 +3,12 @@ demo/rehearse.py: the README's GPU recipe rehearsed at real size with random wei
 label.py, train_router.py, generate.py and evaluate.py end to end, each step's time and
 peak memory printed. For a GPU machine; no download.
 
-    python demo/rehearse.py --work /tmp/rehearsal --steps label,train        # one H100: Qwen3-0.6B + 8B
-    python demo/rehearse.py --work /tmp/rehearsal --steps generate,evaluate  # reuses the models and router
-    python demo/rehearse.py --vocab-size 2000 --hidden-size 32 --layers 1 --max-new-tokens 12   # CPU, seconds
+    # one H100: Qwen3-0.6B + 8B
+    python demo/rehearse.py --work /tmp/rehearsal --steps label,train
+    # then, reusing those models and their router
+    python demo/rehearse.py --work /tmp/rehearsal --steps generate,evaluate
+    # CPU, seconds
+    python demo/rehearse.py --vocab-size 2000 --hidden-size 32 --layers 1 --max-new-tokens 12
 
 It builds in --work: a word-level tokenizer of 151,643 ids (Qwen3's count, made offline,
 decoding to "w123 w456 ..."), a chat template that opens <think> unless enable_thinking is
@@ -47,14 +50,8 @@ import r2r  # noqa: E402
 import train_router  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-WORDS = [
-    "user",
-    "assistant",
-    "Output:0",
-    "Output:1",
-    ".",
-    ";",
-]  # the judge's two replies are single words
+# the judge's two replies are single words
+WORDS = ["user", "assistant", "Output:0", "Output:1", ".", ";"]
 # Qwen3's template in miniature: the assistant turn opens <think> unless enable_thinking is false.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -113,12 +110,12 @@ def random_model(name, tok, args, seed, judge=False):
                 model.get_output_embeddings().weight,
                 tok.convert_tokens_to_ids(["Output:0", "Output:1"]),
             )
-            model.get_input_embeddings().weight[verdicts] = (
-                0  # so what follows a verdict hangs on the prompt
-            )
-            # The states that pick a reply's later tokens (after a verdict), over 8 judge prompts: w is the
-            # direction along which they differ most, the rows w and 2(w.m)m/|m|^2 - w split them around
-            # their mean m, and every other row is zero, so each reply is verdicts that change with the prompt.
+            # so what follows a verdict hangs on the prompt
+            model.get_input_embeddings().weight[verdicts] = 0
+            # The states that pick a reply's later tokens (after a verdict), over 8 judge prompts:
+            # w is the direction along which they differ most, the rows w and 2(w.m)m/|m|^2 - w
+            # split them around their mean m, and every other row is zero, so each reply is
+            # verdicts that change with the prompt.
             rng = random.Random(seed)
             h = torch.stack(
                 [
@@ -146,9 +143,8 @@ def random_model(name, tok, args, seed, judge=False):
             ).float()  # (8, H)
             m = h.mean(0)
             w = torch.linalg.svd(h - m, full_matrices=False).Vh[0]
-            w = (
-                w if w @ m > 0 else -w
-            )  # both verdict logits then sum to 2 w.m > 0, above the zero rows
+            # both verdict logits then sum to 2 w.m > 0, above the zero rows
+            w = w if w @ m > 0 else -w
             head.zero_()  # (V, H)
             head[verdicts[0]], head[verdicts[1]] = w, 2 * (w @ m) * m / (m @ m) - w
     # What a hub model ships (Qwen3: sampling at 0.6 / top-k 20 / top-p 0.95; Qwen2.5: a
@@ -184,14 +180,16 @@ def build(args):
         model = random_model(name, tok, args, seed, judge=role == "judge")
         model.save_pretrained(os.path.join(args.work, role))
         tok.save_pretrained(os.path.join(args.work, role))
-        # A qwen2 folder loads Qwen2's tokenizer class over our tokenizer.json (README, transformers 5.x notes).
+        # A qwen2 folder loads Qwen2's tokenizer class over our tokenizer.json
+        # (README, transformers 5.x notes).
         again = r2r.load_tokenizer(os.path.join(args.work, role))
         if again.decode(again.encode(text, add_special_tokens=False)) != text:
             raise r2r.R2RError(
                 f"{name}'s folder does not keep the synthetic tokenizer: pick a qwen3 config"
             )
         print(
-            f"built {role}: {name}, {r2r.n_params(model) / 1e9:.2f}B parameters, {time.perf_counter() - t:.0f}s"
+            f"built {role}: {name}, {r2r.n_params(model) / 1e9:.2f}B parameters, "
+            f"{time.perf_counter() - t:.0f}s"
         )
         del model
 
@@ -204,7 +202,7 @@ def timed_step(name, main, argv, device):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     main(argv)
-    seconds, gib = time.perf_counter() - t, label.peak_memory_gib(device)
+    seconds, gib = time.perf_counter() - t, r2r.peak_memory_gib(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, process peak RSS"
     print(f"== {name}: {seconds:.1f}s, peak memory {gib:.2f} GiB ({where})", flush=True)
     return seconds, gib
@@ -238,7 +236,8 @@ def main(argv=None):
         "--judge",
         default="qwen3-14b",
         choices=untied,
-        help="published config of the judge, one with its own lm_head (the README's recipe: a 14B judge)",
+        help="published config of the judge, one with its own lm_head "
+        "(the README's recipe: a 14B judge)",
     )
     p.add_argument("--vocab-size", type=int, default=151643, help="tokenizer ids (Qwen3: 151,643)")
     p.add_argument(
@@ -350,8 +349,9 @@ def main(argv=None):
         raise r2r.R2RError(f"--steps takes {', '.join(steps)}, not {args.steps}")
     results = {name: timed_step(name, *steps[name], device) for name in steps if name in wanted}
     print(
-        f"\nrehearsal in {w}: {args.slm} + {args.llm}, judge {args.judge}, {args.n_prompts} prompts x "
-        f"{args.max_new_tokens} new tokens, {args.dtype} on {args.device}"
+        f"\nrehearsal in {w}: {args.slm} + {args.llm}, judge {args.judge}, "
+        f"{args.n_prompts} prompts x {args.max_new_tokens} new tokens, "
+        f"{args.dtype} on {args.device}"
     )
     for name, (seconds, gib) in results.items():
         print(f"  {name:9s} {seconds:8.1f}s  peak {gib:6.2f} GiB")

@@ -41,7 +41,8 @@ def tok():
 
 def tiny_model(arch, tok, layers, width, extra_vocab=0, seed=0):
     """A random causal LM with no EOS id (so every decode runs its full length);
-    initializer_range 0.2 gives peaked logits, far from ties, so exact comparisons mean something."""
+    initializer_range 0.2 gives peaked logits, far from ties, so exact comparisons mean
+    something."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(

@@ -81,18 +81,16 @@ def test_batched_catch_up_logits_equal_full_recompute(pair, tok):
     prompts = encode(tok)
     gaps = [tok.encode(g, add_special_tokens=False) for g in ("7 + 6", "2 + 3", "9 + 0", "5 + 7")]
     T = max(map(len, prompts))
-    ids = torch.tensor(
-        [[0] * (T - len(p)) + p + g for p, g in zip(prompts, gaps)]
-    )  # (B, T + gap), left-padded
+    # (B, T + gap), left-padded
+    ids = torch.tensor([[0] * (T - len(p)) + p + g for p, g in zip(prompts, gaps)])
     mask = torch.tensor(
         [[0] * (T - len(p)) + [1] * (len(p) + len(g)) for p, g in zip(prompts, gaps)]
     )
     pos = mask.cumsum(-1) - 1
     cache = DynamicCache()
     r2r.catch_up(llm, ids[:, :T], cache, attention_mask=mask[:, :T], position_ids=pos[:, :T])
-    logits = r2r.catch_up(
-        llm, ids[:, T:], cache, attention_mask=mask, position_ids=pos[:, T:]
-    )  # (B, V)
+    # (B, V)
+    logits = r2r.catch_up(llm, ids[:, T:], cache, attention_mask=mask, position_ids=pos[:, T:])
     for b, (p, g) in enumerate(zip(prompts, gaps)):
         full = llm(torch.tensor([p + g])).logits[0, -1]  # no cache, no padding
         torch.testing.assert_close(logits[b], full, atol=1e-4, rtol=0)
@@ -104,9 +102,8 @@ def test_caches_hold_each_rows_committed_tokens(pair, tok, mode):
     prompts, kw = encode(tok), dict(max_new_tokens=16, mode=mode)
     engine = r2r.EagerEngine(slm, llm, tok)
     eos = planted_eos(engine, SignRouter(), prompts, **kw)
-    want = batch1(
-        engine, SignRouter(), prompts, eos=eos, **kw
-    )  # the oracle for which rows go on and who wrote
+    # the oracle for which rows go on and who wrote
+    want = batch1(engine, SignRouter(), prompts, eos=eos, **kw)
     T, steps, llm_len = max(map(len, prompts)), [], [0]
 
     def check(slm_cache, llm_cache, live):
@@ -114,7 +111,8 @@ def test_caches_hold_each_rows_committed_tokens(pair, tok, mode):
         # The live rows are those whose batch-1 decode goes on past step n, each with n tokens.
         assert [t.tokens for t in live] == [w.tokens[:n] for w in want if len(w.tokens) > n]
         steps.append(n)
-        if not live:  # every row has ended: the caches hold nothing
+        # every row has ended: the caches hold nothing
+        if not live:
             return
         # The SLM has read all but the newest column; the LLM up to its last call, which at
         # step n (if any row of this step was routed) read the T + n - 1 columns before it.
@@ -136,9 +134,8 @@ def test_forced_modes_equal_generate_row_by_row(pair, tok, mode):
     slm, llm = pair
     model = slm if mode == "slm" else llm
     prompts = encode(tok)
-    extra = (
-        list(range(len(tok), model.config.vocab_size)) or None
-    )  # a padded lm_head's rows are no tokens
+    # a padded lm_head's rows are no tokens
+    extra = list(range(len(tok), model.config.vocab_size)) or None
     config = GenerationConfig(
         do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, suppress_tokens=extra
     )
@@ -172,7 +169,7 @@ def test_demo_pair_rows_equal_batch1(demo_pair):
         assert (g.tokens, g.from_llm, g.gaps) == (w.tokens, w.from_llm, w.gaps)
 
 
-# ----------------------------------------------------------------------------- the scripts
+# ------------------------------------------------------------ the scripts
 
 
 @pytest.mark.parametrize("temperature", ["0", "1.0"])
@@ -236,7 +233,8 @@ def test_bench_batch_table(demo_pair, capsys):
         if line.startswith("| ") and "share" not in line
     ]
     assert [int(row[0]) for row in table] == [1, 2]
-    # Oracle for the share: batch-1 decodes of the same 4 prompts (3, rounded up to a multiple of 2).
+    # Oracle for the share: batch-1 decodes of the same 4 prompts (3, rounded up to a
+    # multiple of 2).
     router = r2r.load_router(os.path.join(ROOT, "demo", "router"), slm, tok)
     traces = [
         r2r.decode(
@@ -249,9 +247,8 @@ def test_bench_batch_table(demo_pair, capsys):
     ]
     share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
     assert share > 0 and all(row[4].strip() == f"{share:.1%}" for row in table)
-    assert (
-        table[0][5] == table[0][4]
-    )  # at B = 1 a step calls the LLM exactly when its token is routed
+    # at B = 1 a step calls the LLM exactly when its token is routed
+    assert table[0][5] == table[0][4]
     assert float(table[1][5].strip(" %")) >= float(table[1][4].strip(" %"))
 
 

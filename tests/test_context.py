@@ -1,6 +1,7 @@
-"""The fast engine's context buckets (fast.FastEngine, min_context): every pass attends over the smallest bucket
-that holds the live length. Against the eager engine and a full recompute, on a short ladder (16, 32, 64, ...)
-so that tiny decodes cross several buckets; what the engine allocates; bench.py's context and buffer tables."""
+"""The fast engine's context buckets (fast.FastEngine, min_context): every pass attends over the
+smallest bucket that holds the live length. Against the eager engine and a full recompute, on a
+short ladder (16, 32, 64, ...) so that tiny decodes cross several buckets; what the engine
+allocates; bench.py's context and buffer tables."""
 
 import os
 
@@ -15,15 +16,17 @@ import bench
 import fast
 import r2r
 
-LADDER = 16  # min_context: buckets 16, 32, 64 and the buffer (124 slots for max_tokens 120, catch-ups up to 4)
-# Routed steps: with an 11-token prompt the LLM's length after step k's catch-up is 11 + k, so these land on,
-# just before and just past the boundaries 16, 32 and 64, pad across them (a gap of 3 pads to 4), and end on an
-# uncaptured gap of 5.
+# min_context: buckets 16, 32, 64 and the buffer (124 slots for max_tokens 120, catch-ups up to 4)
+LADDER = 16
+# Routed steps: with an 11-token prompt the LLM's length after step k's catch-up is 11 + k, so
+# these land on, just before and just past the boundaries 16, 32 and 64, pad across them (a gap
+# of 3 pads to 4), and end on an uncaptured gap of 5.
 ROUTED = (0, 2, 4, 5, 6, 10, 14, 18, 21, 22, 26, 30, 34, 38, 42, 46, 50, 53, 54, 59)
 
 
 def gqa_model(tok, layers, width, seed):
-    """A tiny Qwen3 with grouped-query attention (4 heads, 2 KV heads) and a tied lm_head, as the real Qwen3s."""
+    """A tiny Qwen3 with grouped-query attention (4 heads, 2 KV heads) and a tied lm_head, as the
+    real Qwen3s."""
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tok),
@@ -69,9 +72,8 @@ def test_fast_equals_eager_across_context_buckets(models, tok, mode):
     eager = r2r.decode(r2r.EagerEngine(slm, llm, tok), ScheduleRouter(ROUTED), ids, **kw)
     assert same(r2r.decode(eng, ScheduleRouter(ROUTED), ids, **kw), eager)
     assert eng.contexts == [16, 32, 64, 124]
-    used = {
-        key[1 if key[0] == "slm" else 2] for key in eng.fns
-    }  # the context buckets its functions attend over
+    # the context buckets its functions attend over
+    used = {key[1 if key[0] == "slm" else 2] for key in eng.fns}
     assert len(used) >= 3, "the decode must cross at least three context buckets"
 
 
@@ -90,8 +92,9 @@ def test_demo_pair_across_context_buckets(demo_pair):
 
 
 def test_logits_equal_full_recompute_at_every_bucket_boundary(models, tok, monkeypatch):
-    """Every SLM step's logits and every catch-up's equal one pass over prompt + the tokens before them, without a
-    cache: the catch-ups just before a boundary, those whose padding crosses it, and the SLM steps after them."""
+    """Every SLM step's logits and every catch-up's equal one pass over prompt + the tokens before
+    them, without a cache: the catch-ups just before a boundary, those whose padding crosses it,
+    and the SLM steps after them."""
     slm, llm = models
     ids, eng, picks = r2r.encode_prompt(tok, PROMPT), engine(slm, llm, tok), []
     sample = r2r.sample
@@ -109,21 +112,19 @@ def test_logits_equal_full_recompute_at_every_bucket_boundary(models, tok, monke
         (llm, True, [i for i, f in enumerate(trace.from_llm) if f]),
     ):
         with torch.no_grad():
-            full = model(torch.tensor([ids + trace.tokens])).logits[
-                0, :, :V
-            ]  # (T, V): position t predicts t + 1
+            # (T, V): position t predicts t + 1
+            full = model(torch.tensor([ids + trace.tokens])).logits[0, :, :V]
         got = [logits for llm_pick, logits in picks if llm_pick == is_llm]
         assert len(got) == len(steps)
         assert max(float((g - full[n - 1 + i]).abs().max()) for g, i in zip(got, steps)) < 1e-4
-    lengths = [
-        n + i for i, f in enumerate(trace.from_llm) if f
-    ]  # the LLM's live length after each catch-up
+    # the LLM's live length after each catch-up
+    lengths = [n + i for i, f in enumerate(trace.from_llm) if f]
     assert {eng.bucket(m) for m in lengths} >= {16, 32, 64, 124}
 
 
 def test_prompt_that_starts_in_a_high_bucket(models, tok):
-    """A 41-token prompt is read over bucket 64 (no lower bucket is ever built); then a short prompt on the same
-    engine builds the low ones and reuses the rest."""
+    """A 41-token prompt is read over bucket 64 (no lower bucket is ever built); then a short
+    prompt on the same engine builds the low ones and reuses the rest."""
     slm, llm = models
     short = r2r.encode_prompt(tok, PROMPT)
     long = short + short[1:] * 3
@@ -141,16 +142,16 @@ def test_prompt_that_starts_in_a_high_bucket(models, tok):
 
 
 def test_captured_functions_keep_no_autograd_and_no_cache_copies(tok, monkeypatch):
-    """Every function the engine builds returns tensors without autograd even with grad on, and its attention
-    reads views of the two static caches, as wide as its context bucket: no copies of the caches per bucket."""
+    """Every function the engine builds returns tensors without autograd even with grad on, and its
+    attention reads views of the two static caches, as wide as its context bucket: no copies of
+    the caches per bucket."""
     slm, llm = gqa_model(tok, 1, 32, 1), gqa_model(tok, 2, 48, 2)
     eng, router = engine(slm, llm, tok), ScheduleRouter(ROUTED)
     r2r.decode(eng, router, r2r.encode_prompt(tok, PROMPT), max_new_tokens=30, eos=set())
     for mode in ("r2r", "slm", "llm"):
         eng.prepare(router, mode=mode)
-    assert (
-        len(eng.fns) == 2 * 4 + len(eng.buckets) * 4
-    )  # SLM (routed or not) and each catch-up, at each bucket
+    # SLM (routed or not) and each catch-up, at each bucket
+    assert len(eng.fns) == 2 * 4 + len(eng.buckets) * 4
     layers = eng.slm_cache.layers + eng.llm_cache.layers
     buffers = {
         t.untyped_storage().data_ptr() for layer in layers for t in (layer.keys, layer.values)
@@ -187,9 +188,8 @@ def test_captured_functions_keep_no_autograd_and_no_cache_copies(tok, monkeypatc
 def test_cache_bytes_are_what_the_engine_allocates(models, tok, capsys):
     slm, llm = models
     eng = engine(slm, llm, tok)
-    assert (
-        "fast engine: static caches of 124 tokens" in capsys.readouterr().err
-    )  # the plan, printed at start
+    # the plan, printed at start
+    assert "fast engine: static caches of 124 tokens" in capsys.readouterr().err
     r2r.decode(eng, None, r2r.encode_prompt(tok, PROMPT), max_new_tokens=5, mode="llm", eos=set())
     r2r.decode(eng, None, r2r.encode_prompt(tok, PROMPT), max_new_tokens=5, mode="slm", eos=set())
     for model, cache in ((slm, eng.slm_cache), (llm, eng.llm_cache)):
@@ -199,7 +199,8 @@ def test_cache_bytes_are_what_the_engine_allocates(models, tok, capsys):
 
 
 def test_one_bucket_is_the_whole_buffer(models, tok):
-    """min_context past the buffer: one bucket, every slot read, as before context buckets; the same tokens."""
+    """min_context past the buffer: one bucket, every slot read, as before context buckets;
+    the same tokens."""
     slm, llm = models
     ids, eng = r2r.encode_prompt(tok, PROMPT), engine(slm, llm, tok, min_context=1000)
     eager = r2r.decode(
@@ -259,9 +260,8 @@ def test_bench_context_and_buffer_tables(monkeypatch, capsys):
         sum(r[1] == "slope, ms per 1K tokens" for r in rows) == 2
         and "| floor | KV bytes of 1K tokens" in out
     )
-    assert (
-        "| 64 | 256 320 |" not in out and "| 64 | 128 |" in out
-    )  # a 64-token buffer: one bucket of 128 slots
+    # a 64-token buffer: one bucket of 128 slots
+    assert "| 64 | 256 320 |" not in out and "| 64 | 128 |" in out
     assert "| 600 | 256 512 664 |" in out and "buffer 600 over 64: " in out
     assert (
         "fast vs eager, r2r: 100.0% identical, first difference at token none" in out

@@ -7,7 +7,6 @@ import pytest
 from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import evaluate
 import label
 import r2r
 from demo.build import make_problem, solve
@@ -19,7 +18,7 @@ def test_scratchpad_is_correct_and_ends_in_the_answer():
         p = make_problem(rng)
         a, b = map(int, p["prompt"].split("+"))
         assert p["answer"] == str(a + b)
-        assert evaluate.extract_answer(solve(p["prompt"], rng)) == p["answer"]
+        assert r2r.final_answer(solve(p["prompt"], rng)) == p["answer"]
 
 
 def test_scratchpad_worked_example():
@@ -27,10 +26,10 @@ def test_scratchpad_worked_example():
     rng = random.Random(0)
     texts = {solve("12+9", rng) for _ in range(200)}
     assert "2 + 9 + 0 = 1 1 , write 1 carry 1 ; 1 + 0 + 1 = 2 , write 2 carry 0 ; so 2 1" in texts
-    assert (
-        "9 + 2 + 0 = 1 1 , put 1 c 1 ; 0 + 1 + 1 = 2 , put 2 c 0 ; thus 2 1" in texts
-    )  # the neutral choices
-    assert len(texts) == 16  # operand order x write/put x carry/c x so/thus
+    # the neutral choices
+    assert "9 + 2 + 0 = 1 1 , put 1 c 1 ; 0 + 1 + 1 = 2 , put 2 c 0 ; thus 2 1" in texts
+    # operand order x write/put x carry/c x so/thus
+    assert len(texts) == 16
 
 
 @pytest.mark.parametrize(
@@ -49,7 +48,7 @@ def test_scratchpad_worked_example():
     ],
 )
 def test_answer_rule(text, answer):
-    assert evaluate.extract_answer(text) == answer
+    assert r2r.final_answer(text) == answer
 
 
 def test_tokenizer_needs_no_spaces(demo_pair):
@@ -71,7 +70,7 @@ def test_shipped_models_load_offline_and_reach_their_accuracy():
         out = label.greedy_batch(model, tok, [p["prompt"] for p in problems], max_new_tokens=80)
         acc[name] = (
             sum(
-                evaluate.extract_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"]
+                r2r.final_answer(tok.decode(r, skip_special_tokens=True)) == p["answer"]
                 for (_, r, _), p in zip(out, problems)
             )
             / 100

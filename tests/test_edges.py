@@ -1,8 +1,9 @@
-"""Edge cases users hit (issue 23), one kind per section, each on tiny models built here: stopping at the
-tokenizer's EOS, nothing to label, no pad and no EOS, characters split between the models, the models' positions,
-tokenizers that differ beyond the vocabulary, resumes after an edit, the router's identity in any dtype and without
-a local path, stdout that a program can read, messages that point to real flags, checks before any model loads, and
-honest tables (catch-up, plot, log file)."""
+"""Edge cases users hit (issue 23), one kind per section, each on tiny models built here: stopping
+at the tokenizer's EOS, nothing to label, no pad and no EOS, characters split between the models,
+the models' positions, tokenizers that differ beyond the vocabulary, resumes after an edit, the
+router's identity in any dtype and without a local path, stdout that a program can read, messages
+that point to real flags, checks before any model loads, and honest tables (catch-up, plot, log
+file)."""
 
 import json
 import os
@@ -46,8 +47,9 @@ def without_eos(model):
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tok):
-    """test_label's exact bigram pair (mismatches at 0 and 7 neutral, at 8 divergent; the LLM writes </s> 10th),
-    saved with configs that name no EOS (only the tokenizer knows it), and a router for its SLM (any weights)."""
+    """test_label's exact bigram pair (mismatches at 0 and 7 neutral, at 8 divergent; the LLM
+    writes </s> 10th), saved with configs that name no EOS (only the tokenizer knows it), and a
+    router for its SLM (any weights)."""
     root = tmp_path_factory.mktemp("planted")
     folders = {
         name: save(without_eos(bigram_model(tok, table)), tok, root / name)
@@ -75,7 +77,8 @@ def planted_labels(planted, tmp_path_factory):
 
 
 def walk(table, start=":"):
-    """The tokens a bigram table writes after `start`, up to </s>: what greedy decoding must give."""
+    """The tokens a bigram table writes after `start`, up to </s>: what greedy decoding
+    must give."""
     out = [table[start]]
     while out[-1] != "</s>":
         out.append(table[out[-1]])
@@ -109,7 +112,7 @@ def json_lines(text):
     return [json.loads(line) for line in text.splitlines()]
 
 
-# ----------------------------------------------------------------------------- 1. stopping
+# ------------------------------------------------------------ 1. stopping
 
 
 def test_stop_set_is_the_tokenizers_eos_and_every_configs(tok):
@@ -117,19 +120,16 @@ def test_stop_set_is_the_tokenizers_eos_and_every_configs(tok):
         without_eos(tiny_model("llama", tok, 1, 32)),
         without_eos(tiny_model("llama", tok, 1, 32)),
     )
-    assert r2r.EagerEngine(slm, llm, tok).eos == {tok.eos_token_id}
+    assert r2r.EagerEngine(slm, llm, tok).limits.eos == {tok.eos_token_id}
     llm.generation_config.eos_token_id = [5, 7]
-    assert r2r.EagerEngine(slm, llm, tok).eos == {tok.eos_token_id, 5, 7}
+    assert r2r.EagerEngine(slm, llm, tok).limits.eos == {tok.eos_token_id, 5, 7}
 
 
 def test_decoding_and_labeling_stop_at_the_tokenizers_eos(planted, planted_labels, tok, capsys):
     llm_says, slm_says = walk(LLM_NEXT), walk(SLM_NEXT)
     assert llm_says == RESPONSE and len(slm_says) == 10
-    for mode, says in (
-        ("slm", slm_says),
-        ("llm", llm_says),
-        ("r2r", llm_says),
-    ):  # r2r at threshold 0: all LLM
+    # r2r at threshold 0: all LLM
+    for mode, says in (("slm", slm_says), ("llm", llm_says), ("r2r", llm_says)):
         argv = [
             "--slm",
             planted["slm"],
@@ -148,17 +148,19 @@ def test_decoding_and_labeling_stop_at_the_tokenizers_eos(planted, planted_label
         generate.main(
             argv + (["--router", planted["router"], "--threshold", "0"] if mode == "r2r" else [])
         )
+        # cut at </s>, not at 40 tokens
         assert [r["token_ids"] for r in json_lines(capsys.readouterr().out)] == [
             tok.convert_tokens_to_ids(says)
-        ] * 3, mode  # cut at </s>, not at 40 tokens
-    # label.py keeps only finished responses: all three stopped at </s>, so all are labeled, as planted.
-    ds = label.load_labels(planted_labels)[1]
+        ] * 3, mode
+    # label.py keeps only finished responses: all three stopped at </s>, so all are labeled,
+    # as planted.
+    ds = r2r.load_labels(planted_labels)[1]
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
         assert [r["kind"] for r in rows] == [PLANTED.get(j, "identical") for j in range(10)]
 
 
-# ----------------------------------------------------------------------------- 2. nothing to label
+# ------------------------------------------------------------ 2. nothing to label
 
 
 def test_nothing_to_label_is_one_error_line(planted, tmp_path):
@@ -169,7 +171,7 @@ def test_nothing_to_label_is_one_error_line(planted, tmp_path):
     assert "--keep-unfinished" in message
 
 
-# ----------------------------------------------------------------------------- 3. no pad and no EOS
+# ------------------------------------------------------------ 3. no pad and no EOS
 
 
 def test_no_pad_and_no_eos_labels_and_decodes(tmp_path, capsys):
@@ -195,8 +197,9 @@ def test_no_pad_and_no_eos_labels_and_decodes(tmp_path, capsys):
             str(tmp_path / "labels"),
         ]
     )
-    ds = label.load_labels(str(tmp_path / "labels"))[1]
-    # Nothing stops, so no branch reaches an answer: every mismatch is dropped; every other position is labeled.
+    ds = r2r.load_labels(str(tmp_path / "labels"))[1]
+    # Nothing stops, so no branch reaches an answer: every mismatch is dropped; every other
+    # position is labeled.
     assert "verifier drops 9" in capsys.readouterr().out
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
@@ -219,16 +222,18 @@ def test_no_pad_and_no_eos_labels_and_decodes(tmp_path, capsys):
             "--json",
         ]
     )
+    # runs its full length: no stop id
     assert [r["token_ids"] for r in json_lines(capsys.readouterr().out)] == [
         bare.convert_tokens_to_ids(RESPONSE)
-    ] * 3  # runs its full length: no stop id
+    ] * 3
 
 
-# ----------------------------------------------------------------------------- 4. characters split between writers
+# ------------------------------------------------------------ 4. characters split between writers
 
 
 def byte_tokenizer():
-    """One token per UTF-8 byte (byte-level BPE without merges): a multi-byte character is several tokens."""
+    """One token per UTF-8 byte (byte-level BPE without merges): a multi-byte character is several
+    tokens."""
     tk = Tokenizer(
         models.BPE(
             vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
@@ -243,7 +248,8 @@ def byte_tokenizer():
 
 
 def metaspace_tokenizer():
-    """SentencePiece-style words ("\u2581the"): its decoder drops the leading space of a decode's first word."""
+    """SentencePiece-style words ("\u2581the"): its decoder drops the leading space of a decode's
+    first word."""
     words = ["<unk>", "</s>", "\u2581the", "\u2581cat", "s", ".", "\u2581sat", ",", "\u2581"]
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
@@ -317,7 +323,7 @@ def test_a_response_cut_inside_a_character_shows_the_cut_alike():
     assert streamed(tok, trace) == generate.render(tok, trace, colour=True)
 
 
-# ----------------------------------------------------------------------------- 5. the models' positions
+# ------------------------------------------------------------ 5. the models' positions
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +408,8 @@ def test_response_stops_at_the_last_position_and_says_so_once(random_pair, tok, 
 
 
 def gpt2(tok, seed, n_positions=40):
-    """A tiny GPT-2: learned position embeddings, so a position past n_positions raises an IndexError."""
+    """A tiny GPT-2: learned position embeddings, so a position past n_positions raises an
+    IndexError."""
     torch.manual_seed(seed)
     return GPT2LMHeadModel(
         GPT2Config(
@@ -420,7 +427,7 @@ def gpt2(tok, seed, n_positions=40):
 def test_learned_position_embeddings_stop_instead_of_crashing(tok, tmp_path, capsys):
     model = gpt2(tok, 0)
     engine = r2r.EagerEngine(model, model, tok)
-    assert engine.max_tokens == 40
+    assert engine.limits.positions == 40
     ids = list(range(4, 14)) * 3 + [4, 5, 6, 7]  # 34 tokens
     trace = r2r.decode(engine, None, ids, max_new_tokens=20, mode="llm", eos=set())
     assert len(trace.tokens) == 6
@@ -428,7 +435,8 @@ def test_learned_position_embeddings_stop_instead_of_crashing(tok, tmp_path, cap
         engine, None, [ids, ids[:20]], max_new_tokens=30, mode="slm", eos=set()
     )
     assert [len(t.tokens) for t in batch.traces] == [6, 20]
-    # label.py: responses and the branches continued from their mismatches all stop at the 40th position.
+    # label.py: responses and the branches continued from their mismatches all stop at the
+    # 40th position.
     bare = build_tokenizer()
     bare.eos_token = None  # nothing stops before the positions end
     argv = [
@@ -449,18 +457,17 @@ def test_learned_position_embeddings_stop_instead_of_crashing(tok, tmp_path, cap
     )
     drops = int(capsys.readouterr().out.split("verifier drops ")[1].split()[0])
     positions = sum(40 - len(r2r.encode_prompt(bare, p)) for p in PROMPTS)
-    assert len(label.load_labels(str(tmp_path / "labels"))[1]) + drops == positions and drops > 0
+    assert len(r2r.load_labels(str(tmp_path / "labels"))[1]) + drops == positions and drops > 0
 
 
 def test_quick_start_default_length_keeps_working_on_the_demo_pair(capsys):
-    generate.main(
-        ["--mode", "slm", "--prompt", "4837+2956"]
-    )  # --max-new-tokens 256 = the models' positions
+    # --max-new-tokens 256 = the models' positions
+    generate.main(["--mode", "slm", "--prompt", "4837+2956"])
     out, err = capsys.readouterr()
     assert out.splitlines()[-1].startswith("-- ") and "note: responses stop" not in err
 
 
-# ----------------------------------------------------------------------------- 6. tokenizers beyond the vocabulary
+# ------------------------------------------------------------ 6. tokenizers beyond the vocabulary
 
 
 class NoModel:
@@ -487,13 +494,12 @@ def test_a_differing_chat_template_is_refused_and_an_eos_named(tmp_path, monkeyp
     other = build_tokenizer()
     other.eos_token = "<pad>"
     save(tiny_model("llama", other, 1, 32), other, tmp_path / "eos")
-    r2r.load_pair(
-        demo, str(tmp_path / "eos")
-    )  # the prompt's ids are the same: a warning, not an error
+    # the prompt's ids are the same: a warning, not an error
+    r2r.load_pair(demo, str(tmp_path / "eos"))
     assert "warning: the eos tokens of" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- 7. resume after an edit
+# ------------------------------------------------------------ 7. resume after an edit
 
 
 def test_an_edited_row_is_relabeled_on_resume(tmp_path, monkeypatch, capsys):
@@ -512,15 +518,14 @@ def test_an_edited_row_is_relabeled_on_resume(tmp_path, monkeypatch, capsys):
     )
     label.main(args + ["--out", str(tmp_path / "resumed")])
     assert chunks == []  # nothing changed: nothing relabeled
-    path.write_text(
-        "".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:5] + rows[3:4])
-    )  # row 3 edited
+    # row 3 edited
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:5] + rows[3:4]))
     capsys.readouterr()
     label.main(args + ["--out", str(tmp_path / "resumed")])
     assert chunks == [[rows[4]["prompt"], rows[3]["prompt"]]]  # only the edited row's chunk
     assert "labeling them again" in capsys.readouterr().err
     label.main(args + ["--out", str(tmp_path / "fresh")])
-    fresh, resumed = (label.load_labels(str(tmp_path / name))[1] for name in ("fresh", "resumed"))
+    fresh, resumed = (r2r.load_labels(str(tmp_path / name))[1] for name in ("fresh", "resumed"))
     assert set(fresh["prompt_id"]) == {0, 1, 2, 3}
     assert (
         resumed.to_dict() == fresh.to_dict()
@@ -528,12 +533,13 @@ def test_an_edited_row_is_relabeled_on_resume(tmp_path, monkeypatch, capsys):
     )
 
 
-# ----------------------------------------------------------------------------- 8.-9. the router's identity
+# ------------------------------------------------------------ 8.-9. the router's identity
 
 
 def test_router_matches_its_slm_in_every_dtype(tmp_path, tok, capsys):
     slm = tiny_model("llama", tok, 1, 32)
-    with torch.no_grad():  # values fp16 rounds to zero: a sign test must not flip on them
+    with torch.no_grad():
+        # values fp16 rounds to zero: a sign test must not flip on them
         slm.model.embed_tokens.weight[0, :4] = torch.tensor([1e-9, -1e-9, 3e-8, -3e-8])
     folder = save(slm, tok, tmp_path / "slm")
     router = r2r.Router(
@@ -583,7 +589,7 @@ def test_a_trained_router_records_no_local_path(planted, planted_labels, tmp_pat
     assert shipped["slm"]["name"] == "slm" and "/" not in json.dumps(shipped["slm"])
 
 
-# ----------------------------------------------------------------------------- 10. output a program can read
+# ------------------------------------------------------------ 10. output a program can read
 
 
 def test_json_stdout_is_json_lines_only():
@@ -632,14 +638,13 @@ def test_evaluate_stdout_is_the_table_only(tmp_path, capsys):
     assert "wrote" in err and "SLM only     threshold" in err
 
 
-# ----------------------------------------------------------------------------- 11.-12. messages and early checks
+# ------------------------------------------------------------ 11.-12. messages and early checks
 
 
 def test_prompt_field_and_split_apply_to_prompts_file(tmp_path, capsys):
     path = tmp_path / "q.jsonl"
-    path.write_text(
-        '{"q": "4837+2956"}\n\n{"q": "12+345"}\n'
-    )  # a blank line is skipped, as in a .txt
+    # a blank line is skipped, as in a .txt
+    path.write_text('{"q": "4837+2956"}\n\n{"q": "12+345"}\n')
     assert "set --prompt-field" in run_cli(generate.main, ["--prompts-file", str(path)])
     generate.main(
         [
@@ -660,7 +665,8 @@ def test_prompt_field_and_split_apply_to_prompts_file(tmp_path, capsys):
 
 
 EMPTY_ROW = '{"prompt": "1+2", "answer": "3"}\n{"prompt": "  ", "answer": "3"}\n'
-BAD = [  # (script, arguments, what the one line must say); {tmp} is a fresh folder
+# (script, arguments, what the one line must say); {tmp} is a fresh folder
+BAD = [
     (generate, ["--engine", "fast", "--batch-size", "4", "--prompt", "1+2"], "use --batch-size 1"),
     (generate, ["--router", "{tmp}/none", "--prompt", "1+2"], "--router {tmp}/none does not exist"),
     (generate, ["--prompt", " "], "empty prompt"),
@@ -732,9 +738,8 @@ def test_bad_input_is_one_line_before_any_model_loads(script, argv, says, tmp_pa
     (tmp_path / "empty_row.jsonl").write_text(EMPTY_ROW)
     message = run_cli(script.main, [a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert says.replace("{tmp}", str(tmp_path)) in message, message
-    assert (
-        "--prompt " not in message + " " or script is generate
-    )  # evaluate and label have no --prompt
+    # evaluate and label have no --prompt
+    assert "--prompt " not in message + " " or script is generate
     assert (
         "(not a file)" not in message
         and "or pass --" not in message
@@ -756,7 +761,7 @@ def test_help_shows_defaults_and_status_names_no_false_reason(capsys):
     assert capsys.readouterr().err == "device cpu, dtype float16\n"
 
 
-# ----------------------------------------------------------------------------- 13. honest tables
+# ------------------------------------------------------------ 13. honest tables
 
 
 def test_mean_catch_up_counts_only_gaps_after_the_prompt(random_pair, capsys):
@@ -768,15 +773,13 @@ def test_mean_catch_up_counts_only_gaps_after_the_prompt(random_pair, capsys):
         max_new_tokens=5,
         mode="llm",
     )
-    assert (
-        trace.gaps == [0, 1, 1, 1, 1] and trace.mean_catch_up == 1.0
-    )  # the first call read the prompt only
+    # the first call read the prompt only
+    assert trace.gaps == [0, 1, 1, 1, 1] and trace.mean_catch_up == 1.0
     by_hand = r2r.Trace()
     for token, routed in zip(range(8), [0, 0, 1, 0, 1, 1, 0, 0]):
         by_hand.commit(token, routed)
-    assert by_hand.gaps == [2, 2, 1] and by_hand.mean_catch_up == pytest.approx(
-        5 / 3
-    )  # the gaps it read
+    # the gaps it read
+    assert by_hand.gaps == [2, 2, 1] and by_hand.mean_catch_up == pytest.approx(5 / 3)
     generate.main(
         [
             "--slm",
@@ -838,8 +841,10 @@ def test_plot_labels_do_not_overlap_and_the_legend_covers_no_point(tmp_path, mon
 def test_label_log_has_no_escape_codes(planted, tmp_path, capsys):
     label.main(pair_args(planted) + ["--batch-size", "2", "--out", str(tmp_path / "labels")])
     err = capsys.readouterr().err
-    assert "\x1b" not in err  # no cursor movement, as nested progress bars write
+    # no cursor movement, as nested progress bars write
+    assert "\x1b" not in err
+    # whole lines, no carriage return inside
     assert [line.split(":")[0] for line in err.split("\n") if line.startswith("labeled")] == [
         "labeled 2/3 prompts",
         "labeled 3/3 prompts",
-    ]  # whole lines, no carriage return inside
+    ]

@@ -16,7 +16,8 @@ import fast
 import generate
 import r2r
 
-BUCKET = 4  # small, so catch-ups run through every bucket and past the largest
+# small, so catch-ups run through every bucket and past the largest
+BUCKET = 4
 
 
 class ScheduleRouter(torch.nn.Module):
@@ -102,12 +103,8 @@ def test_demo_pair_fast_equals_eager(demo_pair, mode):
 def test_one_engine_serves_many_prompts(demo_pair):
     slm, llm, tok = demo_pair
     eng = engine(slm, llm, tok)
-    for text in [
-        "12+3",
-        "4837+2956",
-        "5+67",
-        "12+3",
-    ]:  # longer then shorter: old slots must not leak
+    # longer then shorter: old slots must not leak
+    for text in ["12+3", "4837+2956", "5+67", "12+3"]:
         ids = r2r.encode_prompt(tok, text)
         want = r2r.decode(r2r.EagerEngine(slm, llm, tok), SignRouter(), ids, max_new_tokens=40)
         got = r2r.decode(eng, SignRouter(), ids, max_new_tokens=40)
@@ -187,9 +184,8 @@ def test_caches_hold_exactly_what_each_model_was_fed(pair, tok, mode):
         trace = traces[0]
         n, routed = len(trace.tokens), [i for i, f in enumerate(trace.from_llm) if f]
         want_slm = 0 if mode == "llm" else len(ids) + n - 1
-        want_llm = (
-            len(ids) + routed[-1] if routed else 0
-        )  # all before its last token, when the LLM last wrote
+        # all before its last token, when the LLM last wrote
+        want_llm = len(ids) + routed[-1] if routed else 0
         lengths.append(
             (int(slm_cache.get_seq_length()), int(llm_cache.get_seq_length()), want_slm, want_llm)
         )

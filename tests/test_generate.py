@@ -9,7 +9,6 @@ import torch
 from conftest import ROOT, tiny_model
 from transformers import DynamicCache, LlamaForCausalLM
 
-import evaluate
 import generate
 import r2r
 import train_router
@@ -149,10 +148,10 @@ def test_demo_pair_forced_modes_equal_generate(demo_pair, mode):
     ].tolist()
     assert trace.tokens == out[: len(trace.tokens)] and trace.tokens[-1] == tok.eos_token_id
     if mode == "llm":
-        assert evaluate.extract_answer(tok.decode(trace.tokens, skip_special_tokens=True)) == "7793"
+        assert r2r.final_answer(tok.decode(trace.tokens, skip_special_tokens=True)) == "7793"
 
 
-# ----------------------------------------------------------------------------- the CLI
+# ------------------------------------------------------------ the CLI
 
 
 def demo_router(folder, slm, tok, hidden_size=None):

@@ -9,7 +9,6 @@ import torch
 from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import evaluate
 import label
 import r2r
 
@@ -80,7 +79,7 @@ def planted(tmp_path_factory, tok):
 
 def run(argv):
     label.main(argv)
-    return label.load_labels(argv[argv.index("--out") + 1])[1]
+    return r2r.load_labels(argv[argv.index("--out") + 1])[1]
 
 
 def test_recovers_planted_labels(planted, tmp_path, tok):
@@ -164,17 +163,18 @@ def test_divergent_rows_reproduce_with_model_generate(demo_pair, tmp_path):
         response = [r["llm_token"] for r in mine]
         assert [r["position"] for r in mine] == list(range(len(response)))
         prompt = r2r.encode_prompt(tok, rows[pid]["prompt"])
-        ref = evaluate.extract_answer(tok.decode(response, skip_special_tokens=True))
+        ref = r2r.final_answer(tok.decode(response, skip_special_tokens=True))
         for r in mine:
             if r["kind"] == "identical":
                 continue
             ids = torch.tensor([prompt + response[: r["position"]] + [r["slm_token"]]])
             out = ids[0, len(prompt) :].tolist()
-            if r["slm_token"] != tok.eos_token_id:  # an SLM that stops here ends the branch
+            # an SLM that stops here ends the branch
+            if r["slm_token"] != tok.eos_token_id:
                 out = llm.generate(ids, do_sample=False, max_new_tokens=128)[
                     0, len(prompt) :
                 ].tolist()
-            alt = evaluate.extract_answer(tok.decode(out, skip_special_tokens=True))
+            alt = r2r.final_answer(tok.decode(out, skip_special_tokens=True))
             assert (alt != ref) == (r["kind"] == "divergent"), (pid, r["position"])
             checked[r["kind"]] += 1
     assert checked["neutral"] > 0 and checked["divergent"] > 0, checked
@@ -194,7 +194,8 @@ def test_kill_and_resume_equals_one_run(demo_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(label, "label_chunk", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         run(args + ["--out", str(tmp_path / "resumed")])
-    os.makedirs(tmp_path / "resumed" / "shards" / "00001.tmp")  # a shard half-written when it died
+    # a shard half-written when it died
+    os.makedirs(tmp_path / "resumed" / "shards" / "00001.tmp")
     monkeypatch.setattr(label, "label_chunk", real)
     resumed = run(args + ["--out", str(tmp_path / "resumed")])
     assert resumed.to_dict() == whole.to_dict()

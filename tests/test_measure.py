@@ -16,16 +16,15 @@ def test_evaluate_rows_agree_with_batched_generate(demo_pair):
     table = {r["method"]: r for r in results}
     assert {"SLM only", "LLM only", "R2R (saved)", "R2R", "entropy", "random"} <= set(table)
     rows = r2r.read_prompts(os.path.join(r2r.DEMO, "test.jsonl"), limit=6)
-    for name, model in (("SLM only", slm), ("LLM only", llm)):  # oracle: unbatched model.generate
+    # oracle: unbatched model.generate
+    for name, model in (("SLM only", slm), ("LLM only", llm)):
         correct = 0
         for r in rows:
             ids = r2r.encode_prompt(tok, r["prompt"])
             out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=80)[
                 0, len(ids) :
             ]
-            correct += (
-                evaluate.extract_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
-            )
+            correct += r2r.final_answer(tok.decode(out, skip_special_tokens=True)) == r["answer"]
         assert table[name]["acc"] == correct / 6
         assert table[name]["acc_lo"] <= correct / 6 <= table[name]["acc_hi"]
     assert table["LLM only"]["share"] == 1.0 and table["SLM only"]["share"] == 0.0
@@ -38,7 +37,8 @@ def test_bench_demo_prints_its_numbers(capsys):
         for mode in ("slm", "llm", "r2r"):
             assert f"| {engine} | {mode} |" in out
         assert f"{engine}: predicted R2R at LLM share 13.0%" in out
-    for mode in ("slm", "llm", "r2r"):  # fp32 on the CPU: the engines agree exactly
+    # fp32 on the CPU: the engines agree exactly
+    for mode in ("slm", "llm", "r2r"):
         assert f"fast vs eager, {mode}: 100.0% identical, first difference at token none" in out
 
 

@@ -93,7 +93,7 @@ def test_label_responses_equal_generate_llm_despite_generation_config(
             str(tmp_path / "labels"),
         ]
     )
-    ds = label.load_labels(str(tmp_path / "labels"))[1]
+    ds = r2r.load_labels(str(tmp_path / "labels"))[1]
     stored = [
         [
             r["llm_token"]
@@ -158,7 +158,7 @@ def test_evaluate_single_model_rows_equal_generate_modes(penalised, tok, capsys)
         assert [t.tokens for t in traces] == oracle, (mode, engine)
 
 
-# ----------------------------------------------------------------------------- memory at a real vocabulary
+# ------------------------------------------------------------ memory at a real vocabulary
 
 CHILD = """
 import json, os, re, sys, torch
@@ -170,17 +170,24 @@ from demo.rehearse import synthetic_tokenizer
 work, vocab = {work!r}, {vocab}
 tok = synthetic_tokenizer(vocab)
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=2, head_dim=16, initializer_range=0.2, pad_token_id=tok.pad_token_id,
-                     eos_token_id=tok.eos_token_id)
+config = LlamaConfig(
+    vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=16, initializer_range=0.2,
+    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+)
 LlamaForCausalLM(config).save_pretrained(work + "/m")
 tok.save_pretrained(work + "/m")
 with open(work + "/p.jsonl", "w") as f:
     for i in range(16):
-        f.write(json.dumps(dict(prompt=" ".join(f"w{{100 + 37 * i + j}}" for j in range(8 + i)), answer="0")) + "\\n")
-label.main(["--slm", work + "/m", "--llm", work + "/m", "--prompts", work + "/p.jsonl", "--batch-size", "16",
-            "--max-new-tokens", "{new}", "--keep-unfinished", "--device", "cpu", "--out", work + "/labels"])
-# VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would count the pytest process that forked us.
+        prompt = " ".join(f"w{{100 + 37 * i + j}}" for j in range(8 + i))
+        f.write(json.dumps(dict(prompt=prompt, answer="0")) + "\\n")
+label.main([
+    "--slm", work + "/m", "--llm", work + "/m", "--prompts", work + "/p.jsonl",
+    "--batch-size", "16", "--max-new-tokens", "{new}", "--keep-unfinished", "--device", "cpu",
+    "--out", work + "/labels",
+])
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would count the pytest process that
+# forked us.
 print("PEAK_KIB", re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
@@ -200,11 +207,12 @@ def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     peak_gib = int(out.stdout.split("PEAK_KIB")[1]) / 2**20
     positions = int(re.search(r"(\d+) positions from 16 responses", out.stdout).group(1))
-    assert positions > 16 * 200  # nearly every position of every response was labeled
+    # nearly every position of every response was labeled
+    assert positions > 16 * 200
     assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
 
 
-# ----------------------------------------------------------------------------- a judge that answers
+# ------------------------------------------------------------ a judge that answers
 
 
 def byte_tokenizer(template):
@@ -228,7 +236,8 @@ def byte_tokenizer(template):
 
 # Qwen3's switch: the assistant turn opens <think> unless enable_thinking is false.
 THINKING = (
-    "{% for m in messages %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    "{% for m in messages %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% else %}<think>\n{% endif %}"
 )
@@ -245,9 +254,8 @@ class ScriptedJudge(torch.nn.Module):
         super().__init__()
         self.tok, self.device = tok, torch.device("cpu")
         self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
-        self.config = types.SimpleNamespace(
-            get_text_config=lambda: types.SimpleNamespace()
-        )  # no position limit
+        # no position limit
+        self.config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace())
         self.seen = []
 
     def reply(self, prompt):
@@ -258,17 +266,18 @@ class ScriptedJudge(torch.nn.Module):
 
     def base_model(self, input_ids, cache=None, attention_mask=None, **kw):
         fresh = cache.get_seq_length() == 0
-        cache.update(
-            *[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0
-        )  # it keeps count
-        if fresh:  # a new batch: read each prompt, write its reply
+        # it keeps count
+        cache.update(*[torch.zeros(*input_ids.shape[:1], 1, input_ids.shape[1], 1)] * 2, 0)
+        # a new batch: read each prompt, write its reply
+        if fresh:
             prompts = [self.tok.decode(ids[m.bool()]) for ids, m in zip(input_ids, attention_mask)]
             self.seen += prompts
             self.script = [
                 self.tok.encode(self.reply(p)) + [self.tok.eos_token_id] for p in prompts
             ]
             self.step = 0
-        else:  # r2r.decode_batch drops a row from the batch once it has written its EOS
+        else:
+            # r2r.decode_batch drops a row from the batch once it has written its EOS
             self.script = [s for s in self.script if len(s) > self.step]
         nxt = torch.tensor([s[min(self.step, len(s) - 1)] for s in self.script])
         self.step += 1
@@ -322,23 +331,23 @@ def test_scripted_judge_labels_planted_mismatches(planted, tok, tmp_path, monkey
             str(tmp_path / "labels"),
         ]
     )
-    ds = label.load_labels(str(tmp_path / "labels"))[1]
+    ds = r2r.load_labels(str(tmp_path / "labels"))[1]
     for pid in range(3):
         rows = sorted((r for r in ds if r["prompt_id"] == pid), key=lambda r: r["position"])
         assert [r["kind"] for r in rows] == [
             PLANTED.get(j, "identical") for j in range(len(RESPONSE))
         ], pid
-    assert len(judge.seen) == 9 and all(
-        p.endswith("</think>\n\n") for p in judge.seen
-    )  # 3 per prompt, no thinking
-    # The oracle for the switch itself: left at the template's default, the judge thinks and gives no verdict.
+    # 3 per prompt, no thinking
+    assert len(judge.seen) == 9 and all(p.endswith("</think>\n\n") for p in judge.seen)
+    # The oracle for the switch itself: left at the template's default, the judge thinks and
+    # gives no verdict.
     ((_, default, _),) = label.greedy_batch(
         judge, judge_tok, [judge.seen[0][judge.seen[0].index("Two") :]], 16
     )
     assert label.parse_judge(judge_tok.decode(default)) is None
 
 
-# ----------------------------------------------------------------------------- answers
+# ------------------------------------------------------------ answers
 
 
 @pytest.mark.parametrize(
@@ -357,7 +366,7 @@ def test_scripted_judge_labels_planted_mismatches(planted, tok, tmp_path, monkey
     ],
 )
 def test_nested_brace_answers(text, answer):
-    assert evaluate.extract_answer(text) == answer
+    assert r2r.final_answer(text) == answer
 
 
 def test_equal_answers_compare_equal(tmp_path):
@@ -370,12 +379,12 @@ def test_equal_answers_compare_equal(tmp_path):
             "7793",
         ):
             f.write(json.dumps({"prompt": "x", "answer": ref}) + "\n")
-    refs = [evaluate.reference_answer(r["answer"]) for r in r2r.read_prompts(str(path))]
+    refs = [r2r.reference_answer(r["answer"]) for r in r2r.read_prompts(str(path))]
     assert refs == ["\\frac{1}{2}"] * 3 + ["7793"]
-    assert evaluate.extract_answer("thus \\boxed{\\dfrac{1}{2}}") == refs[0]
+    assert r2r.final_answer("thus \\boxed{\\dfrac{1}{2}}") == refs[0]
 
 
-# ----------------------------------------------------------------------------- resume, placement
+# ------------------------------------------------------------ resume, placement
 
 
 def test_resume_with_changed_judge_span_fails_in_one_line(planted, tmp_path):
@@ -428,7 +437,8 @@ def test_train_router_puts_router_features_and_embeddings_on_its_device(
         seen["devices"] = {
             p.device.type for p in list(router.parameters()) + list(emb_table.parameters())
         }
-        raise KeyboardInterrupt  # stop before anything reads a meta tensor's value
+        # stop before anything reads a meta tensor's value
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(train_router, "fit", one_step)
     with pytest.raises(KeyboardInterrupt):
@@ -462,11 +472,12 @@ def test_device_map_reaches_from_pretrained(planted, tmp_path, monkeypatch):
             str(tmp_path / "labels"),
         ]
     )
-    assert calls == [None, "auto"]  # the SLM stays on --device, the LLM is placed by accelerate
-    assert len(label.load_labels(str(tmp_path / "labels"))[1]) == 3 * len(RESPONSE)
+    # the SLM stays on --device, the LLM is placed by accelerate
+    assert calls == [None, "auto"]
+    assert len(r2r.load_labels(str(tmp_path / "labels"))[1]) == 3 * len(RESPONSE)
 
 
-# ----------------------------------------------------------------------------- the rehearsal
+# ------------------------------------------------------------ the rehearsal
 
 
 def test_rehearsal_runs_end_to_end_at_tiny_size(tmp_path, capsys):
@@ -497,7 +508,7 @@ def test_rehearsal_runs_end_to_end_at_tiny_size(tmp_path, capsys):
         ]
     )
     assert list(results) == ["label", "train", "generate", "evaluate"]
-    meta, ds = label.load_labels(str(tmp_path / "labels"))
+    meta, ds = r2r.load_labels(str(tmp_path / "labels"))
     assert len(set(ds["prompt_id"])) == 3 and {"neutral", "divergent"} <= set(ds["kind"])
     out = capsys.readouterr().out
     assert "| SLM only |" in out and "| R2R (saved) |" in out and out.count("peak memory") >= 4

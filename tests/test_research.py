@@ -21,7 +21,7 @@ import r2r
 
 PROMPT = "4837+2956"
 
-# ----------------------------------------------------------------------------- prompts files
+# ------------------------------------------------------------ prompts files
 
 
 def test_txt_prompts_file_decodes_each_line(demo_pair, tmp_path, capsys):
@@ -36,7 +36,8 @@ def test_txt_prompts_file_decodes_each_line(demo_pair, tmp_path, capsys):
         json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
     ]
     assert [r["prompt"] for r in rows] == lines
-    for row, line in zip(rows, lines):  # oracle: the LLM's own model.generate on that line
+    # oracle: the LLM's own model.generate on that line
+    for row, line in zip(rows, lines):
         ids = r2r.encode_prompt(tok, line)
         out = llm.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[
             0, len(ids) :
@@ -82,7 +83,7 @@ def test_unreadable_prompts_file_is_one_error_line(tmp_path, content):
     assert ".txt (one prompt per line)" in lines[0]  # says which formats work
 
 
-# ----------------------------------------------------------------------------- streaming
+# ------------------------------------------------------------ streaming
 
 
 class Terminal(io.StringIO):
@@ -144,10 +145,11 @@ def test_generate_streams_on_a_terminal(demo_pair, monkeypatch):
         for w in terminal.writes
         if w.strip() and not w.startswith(("device", "Loading", "--", "\n"))
     ]
-    assert len(response) > len(trace.tokens) / 2  # written piece by piece, not at the end
+    # written piece by piece, not at the end
+    assert len(response) > len(trace.tokens) / 2
 
 
-# ----------------------------------------------------------------------------- evaluate.py
+# ------------------------------------------------------------ evaluate.py
 
 
 def test_bootstrap_interval_contains_estimate_and_narrows():
@@ -159,7 +161,8 @@ def test_bootstrap_interval_contains_estimate_and_narrows():
         # oracle: the normal approximation, 2 * 1.96 * sqrt(p (1 - p) / n)
         assert hi - lo == pytest.approx(2 * 1.96 * (0.24 / n) ** 0.5, rel=0.15)
         widths.append(hi - lo)
-    assert widths[1] < widths[0] / 3  # 16x the problems: a quarter of the width
+    # 16x the problems: a quarter of the width
+    assert widths[1] < widths[0] / 3
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +190,8 @@ def test_agreement_is_complete_when_every_token_goes_to_the_llm(evaluated):
 def test_agreement_of_the_slm_against_generate(evaluated, demo_pair):
     slm, llm, tok = demo_pair
     identical, flipped = 0, 0
-    for r in r2r.read_prompts(
-        os.path.join(r2r.DEMO, "test.jsonl"), limit=3
-    ):  # oracle: unbatched generate
+    # oracle: unbatched generate
+    for r in r2r.read_prompts(os.path.join(r2r.DEMO, "test.jsonl"), limit=3):
         ids = r2r.encode_prompt(tok, r["prompt"])
         a, b = (
             m.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64)[
@@ -198,9 +200,9 @@ def test_agreement_of_the_slm_against_generate(evaluated, demo_pair):
             for m in (slm, llm)
         )
         identical += a == b
-        flipped += evaluate.extract_answer(
-            tok.decode(a, skip_special_tokens=True)
-        ) != evaluate.extract_answer(tok.decode(b, skip_special_tokens=True))
+        flipped += r2r.final_answer(tok.decode(a, skip_special_tokens=True)) != r2r.final_answer(
+            tok.decode(b, skip_special_tokens=True)
+        )
     row = next(r for r in evaluated[0] if r["method"] == "SLM only")
     assert (row["identical"], row["flipped"]) == (identical / 3, flipped / 3)
 
@@ -231,12 +233,13 @@ def test_plot_is_an_image_with_every_series(evaluated):
 
 
 def test_plot_without_matplotlib_is_one_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(r2r.R2RError, match="--plot needs matplotlib"):
         evaluate.parse_args(["--plot", "pareto.png"])
 
 
-# ----------------------------------------------------------------------------- the router on the hub
+# ------------------------------------------------------------ the router on the hub
 
 
 def test_save_pretrained_from_pretrained_identical_scores(tmp_path, tok):
@@ -245,7 +248,8 @@ def test_save_pretrained_from_pretrained_identical_scores(tmp_path, tok):
     router = r2r.Router(
         32, top_k=8, width=16, n_blocks=2, threshold=0.25, slm=r2r.fingerprint(slm, tok)
     ).eval()
-    router.config["threshold"] = 0.3  # set after training, as train_router.py does
+    # set after training, as train_router.py does
+    router.config["threshold"] = 0.3
     router.save_pretrained(tmp_path / "r")
     assert {"model.safetensors", "config.json"} <= set(os.listdir(tmp_path / "r"))
     assert not [f for f in os.listdir(tmp_path / "r") if f.endswith((".bin", ".pt", ".pkl"))]
@@ -266,7 +270,8 @@ def test_router_folders_of_the_previous_format_still_load(tmp_path, tok, demo_pa
         32, top_k=8, width=16, n_blocks=1, threshold=0.4, slm=r2r.fingerprint(slm, tok)
     ).eval()
     folder = tmp_path / "old"
-    folder.mkdir()  # exactly what save_router wrote before the hub mixin
+    # exactly what save_router wrote before the hub mixin
+    folder.mkdir()
     save_file(
         {k: v.contiguous() for k, v in router.state_dict().items()},
         str(folder / "model.safetensors"),

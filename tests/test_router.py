@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import tiny_model
 
-import label
 import r2r
 import train_router
 
@@ -41,7 +40,7 @@ def write_labels(folder, tok, n_prompts=200, positions=20, separable=True, seed=
         hidden=hidden.tolist(),
         topk=torch.randn(n, 8, generator=g).sort(descending=True).values.tolist(),
     )
-    datasets.Dataset.from_dict(rows, features=label.FEATURES).save_to_disk(
+    datasets.Dataset.from_dict(rows, features=r2r.label_features()).save_to_disk(
         os.path.join(folder, "shards", "00000")
     )
     with open(os.path.join(folder, "meta.json"), "w") as f:
@@ -74,7 +73,8 @@ def test_separable_positives_reach_recall_at_small_share(tmp_path, tok):
     # positives are 5% of positions, so a share near 5% means few false alarms.
     held_out = metrics["test"]
     assert held_out["recall"] >= 0.85 and held_out["share"] <= 0.15, metrics
-    assert held_out["baselines"]["random"]["recall"] < 0.5  # the same share at random finds few
+    # the same share at random finds few
+    assert held_out["baselines"]["random"]["recall"] < 0.5
     # Saved and loaded, it gives the same scores, and keeps its threshold.
     router = r2r.load_router(out, slm, tok)
     assert router.threshold == metrics["threshold"] and 0 < router.threshold < 1
@@ -92,9 +92,8 @@ def test_save_load_gives_identical_scores(tmp_path, tok):
     loaded = r2r.load_router(str(tmp_path / "r"), slm, tok)
     x = (torch.randn(5, H), torch.randn(5, 8), torch.randn(5, H))
     assert torch.equal(router(*x), loaded(*x)) and loaded.threshold == 0.3
-    other = tiny_model(
-        "llama", tok, 1, H, seed=7
-    )  # same shape, other weights: a warning, not an error
+    # same shape, other weights: a warning, not an error
+    other = tiny_model("llama", tok, 1, H, seed=7)
     r2r.load_router(str(tmp_path / "r"), other, tok)
 
 
@@ -106,9 +105,8 @@ def test_split_is_by_prompt():
     train, val, test = (set(prompt_ids[i].tolist()) for i in split)
     assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
     assert (len(train), len(val), len(test)) == (35, 10, 5)
-    assert sorted(torch.cat(list(split)).tolist()) == list(
-        range(350)
-    )  # every position in exactly one split
+    # every position in exactly one split
+    assert sorted(torch.cat(list(split)).tolist()) == list(range(350))
 
 
 def test_threshold_rules():
@@ -119,14 +117,12 @@ def test_threshold_rules():
         1.0,
         pytest.approx(0.6),
     )
-    assert train_router.threshold_for_recall(scores, labels, 0.6) == pytest.approx(
-        0.7
-    )  # 2 of 3 positives
+    # 2 of 3 positives
+    assert train_router.threshold_for_recall(scores, labels, 0.6) == pytest.approx(0.7)
     assert train_router.threshold_for_share(scores, 0.3) == pytest.approx(0.7)
     assert train_router.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
-    assert (
-        train_router.auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1, 0, 0])) == 0.75
-    )  # a tie counts half
+    # a tie counts half
+    assert train_router.auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1, 0, 0])) == 0.75
     big = torch.rand(20000, generator=torch.Generator().manual_seed(0))
     assert train_router.auc(big, (big > 0.5).long()) == pytest.approx(1.0)
     assert train_router.auc(big, torch.randint(0, 2, (20000,))) == pytest.approx(0.5, abs=0.02)

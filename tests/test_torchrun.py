@@ -12,14 +12,16 @@ import psutil
 import pytest
 from conftest import ROOT
 
-import label
+import r2r
 
-LABEL = ["label.py", "--limit", "16", "--batch-size", "2"]  # 8 chunks, 4 to each of 2 ranks
+# 8 chunks, 4 to each of 2 ranks
+LABEL = ["label.py", "--limit", "16", "--batch-size", "2"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def run(argv, nproc=1, **kw):
-    """A script as one process, or under torchrun with `nproc` processes (a free port of its own)."""
+    """A script as one process, or under torchrun with `nproc` processes (a free port of
+    its own)."""
     launch = [sys.executable] + (
         ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         if nproc > 1
@@ -44,7 +46,7 @@ def finish(proc):
 
 def rows(folder):
     """Every labeled position as a comparable tuple, sorted: the label set."""
-    ds = label.load_labels(str(folder))[1]
+    ds = r2r.load_labels(str(folder))[1]
     return sorted(
         zip(
             ds["prompt_id"],
@@ -77,7 +79,8 @@ def test_two_ranks_label_what_one_process_labels(one_process, tmp_path):
 
 
 def kill_one_rank_midway(folder):
-    """Start two ranks and kill one of them once the first shard is written; -> shards left behind."""
+    """Start two ranks and kill one of them once the first shard is written;
+    -> shards left behind."""
     proc = run(LABEL + ["--out", str(folder)], nproc=2, start_new_session=True)
     shards = folder / "shards"
     while not (shards.is_dir() and any(not s.endswith(".tmp") for s in os.listdir(shards))):
@@ -88,7 +91,8 @@ def kill_one_rank_midway(folder):
         for p in psutil.Process(proc.pid).children(recursive=True)
         if "label.py" in " ".join(p.cmdline())
     ]
-    workers[-1].send_signal(signal.SIGKILL)  # one rank dies; torchrun then stops the other
+    # one rank dies; torchrun then stops the other
+    workers[-1].send_signal(signal.SIGKILL)
     proc.communicate(timeout=600)
     assert proc.returncode != 0
     return [s for s in os.listdir(shards) if not s.endswith(".tmp")]
@@ -106,8 +110,8 @@ def test_a_killed_rank_resumes_to_the_same_labels(one_process, tmp_path, nproc):
 
 
 def test_two_ranks_evaluate_prints_the_one_process_table():
-    """The same table but for the random baseline's rows, whose one generator draws in each process's own
-    decode order (as at another --batch-size)."""
+    """The same table but for the random baseline's rows, whose one generator draws in each
+    process's own decode order (as at another --batch-size)."""
     argv = ["evaluate.py", "--limit", "10", "--thresholds", "0.3", "--batch-size", "2"]
     one, two = finish(run(argv)), finish(run(argv, nproc=2))
 
