@@ -553,6 +553,10 @@ def main(argv=None):
         ]
         # Random weights: decode exactly --max-new-tokens.
         eos = set()
+    # Refuses, before any decoding, a prompt with no room in the models' positions.
+    limits = r2r.pair_limits(tok, slm, llm)
+    for p in prompts:
+        r2r.room(limits, p, args.max_new_tokens)
     batch = "batch sizes " + " ".join(map(str, sizes)) if args.batch_sizes else "batch size 1"
     print(
         f"SLM {r2r.n_params(slm) / 1e6:.1f}M, LLM {r2r.n_params(llm) / 1e6:.1f}M parameters; "

@@ -22,8 +22,8 @@ What it leaves out. Batches (r2r.decode_batch is eager); an LLM over several GPU
 on one); sliding-window layers (Mistral, Gemma 2: their static layers count in Python ints it cannot
 reset); attention other than SDPA (it sets both models to ATTENTION: SDPA exactly where no bucket is
 named). Uncaptured: the prompts' prefills, the first catch-up (it reads the prompt), gaps over
-max_bucket. Flex attention also skips empty blocks, but gave other tokens than eager under CUDA
-graphs (docs/gpu.md).
+max_bucket, gaps whose padding would pass the models' positions. Flex attention also skips empty
+blocks, but gave other tokens than eager under CUDA graphs (docs/gpu.md).
 """
 
 import math
@@ -257,11 +257,13 @@ class FastEngine(r2r.EagerEngine):
 
     def catch_up(self, gap):
         """Step 3: a captured bucket, or one uncaptured pass for the first call (it also reads the
-        prompt) and for gaps longer than the largest bucket."""
+        prompt), for gaps longer than the largest bucket, and where the padding would pass the
+        models' last position (it would switch longrope's factors: r2r.rope_limit)."""
         self.draw(self.u_llm)
         ids = torch.tensor([gap], device=self.llm.device)  # (1, gap)
-        if self.llm_seen and len(gap) <= self.buckets[-1]:
-            P = 1 << (len(gap) - 1).bit_length()
+        P = 1 << (len(gap) - 1).bit_length()
+        fits = self.llm_seen + P <= self.limits.positions
+        if self.llm_seen and P <= self.buckets[-1] and fits:
             # Build (or find) the function first: building it sets self.gap.
             fn = self._llm_fn(P, self.bucket(self.llm_seen + P), self.temperature, self.top_p)
             self.gap_ids[P][:, : len(gap)] = ids

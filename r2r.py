@@ -523,7 +523,28 @@ def pair_limits(tok, *models):
     eos = [tok.eos_token_id] + [m.generation_config.eos_token_id for m in models]
     ids = frozenset(i for e in eos if e is not None for i in ([e] if isinstance(e, int) else e))
     sizes = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in models]
+    sizes += [rope_limit(m.config) for m in models]
     return Limits(ids, min(filter(None, sizes), default=sys.maxsize))
+
+
+def rope_limit(config):
+    """The most positions (prompt + response) a model of `config` reads with the RoPE factors it
+    starts with; None if they never change. transformers 5 picks the factors of each forward call
+    by its largest position while cached keys keep the old ones, so r2r stops here to stay exact.
+    longrope (Phi-3/3.5/4-mini, PhiMoE) takes its long factors once a call reads past
+    original_max_position_embeddings; dynamic NTK rescales only past max_position_embeddings,
+    where r2r stops anyway; the other types never change."""
+    text = config.get_text_config()
+    params = getattr(text, "rope_parameters", None) or {}
+    limits = []
+    # One dict, or one per layer type.
+    for p in [params] if "rope_type" in params else params.values():
+        kind = p.get("rope_type", "") if isinstance(p, dict) else ""
+        if kind == "longrope":
+            limits.append(p.get("original_max_position_embeddings"))
+        elif "dynamic" in kind:
+            limits.append(getattr(text, "max_position_embeddings", None))
+    return min(filter(None, limits), default=None)
 
 
 def room(limits, prompt_ids, max_new_tokens):
@@ -828,6 +849,9 @@ def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_m
     for m, p in ((slm, slm_path), (llm, llm_path)):
         if m.config.get_text_config().vocab_size < len(tok):
             raise R2RError(f"{p} has fewer output rows than its tokenizer has ids ({len(tok)})")
+        n = rope_limit(m.config)
+        if n and n < getattr(m.config.get_text_config(), "max_position_embeddings", n + 1):
+            status(f"note: {p} switches its RoPE factors after {n} positions; r2r stops there")
     return slm, llm, tok
 
 
