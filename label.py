@@ -184,11 +184,13 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, budget, *, positi
 
 
 def verify_by_answer(tok, response, j, branch):
-    """The same final answer from the LLM's own response and from the branch at position j:
-    neutral (0), else divergent (1); None where the response has no final answer."""
-    ref = r2r.final_answer(tok.decode(response, skip_special_tokens=True))
-    alt = r2r.final_answer(tok.decode(response[:j] + branch, skip_special_tokens=True))
-    return None if ref is None else int(alt != ref)
+    """The same final answer (r2r.same_answer) from the LLM's own response and from the branch
+    at position j: neutral (0), else divergent (1); None where the response has no final answer."""
+    ref = tok.decode(response, skip_special_tokens=True)
+    alt = tok.decode(response[:j] + branch, skip_special_tokens=True)
+    if r2r.final_answer(ref) is None:
+        return None
+    return int(not r2r.same_answer(alt, ref))
 
 
 class Judge(NamedTuple):

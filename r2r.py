@@ -17,8 +17,10 @@ import pathlib
 import re
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import NamedTuple
 
 import torch
@@ -572,49 +574,116 @@ def note_cut(limits, traces, rooms, max_new_tokens):
 
 # ----------------------------------------------------------------------------- the answer rule
 
-
-def same_answer(response, reference):
-    """Whether a response's final answer is `reference` (a dataset's answer, spelled as in the
-    data set: "7793", "\\boxed{\\dfrac{1}{2}}")."""
-    answer = final_answer(response)
-    return answer is not None and answer == reference_answer(reference)
-
-
-def reference_answer(a):
-    """A dataset's answer read as a response's: "\\boxed{\\dfrac{1}{2}}" -> "\\frac{1}{2}",
-    7793 -> "7793"."""
-    if a is None:
-        return None
-    return final_answer(str(a)) if "\\boxed{" in str(a) else normalize_answer(str(a))
+# A number as people write it: 72, -3.5, 1,000, .5
+NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
+# What wraps an answer: $...$, \[...\], **bold**, a last "."
+WRAPPING = r"^(?:[\s$*]|\\[\[(])+|(?:[\s$*.]|\\[\])])+$"
+PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def final_answer(text):
-    """The final answer of a response, or None: the last \\boxed{...}, braces balanced at any
-    depth, normalised; else a number closing the text after "so"/"thus"/"answer" (the demo
-    task), spaces between digits dropped: "... so 7 7 9 3" -> "7793"."""
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth = 0
-        open_at = start + len("\\boxed")
-        for i in range(open_at, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return normalize_answer(text[open_at + 1 : i])
-        # The box never closes: a response cut short.
+    """The normalised final answer of a response or a dataset's answer, or None. The first rule
+    that applies: GSM8K's "#### 72"; the last \\boxed{...} or \\fbox{...}; digits closing the
+    text after "so"/"thus"/"answer (is)", spaces dropped ("... so 7 7 9 3" -> "7793", the demo
+    task); the sentence after the last "answer is"/"answer:"; the whole text if it has no words
+    ("\\frac{1}{2}", "x = 5"); else the last number or $...$ in it ("... 18 dollars." -> "18")."""
+    if text is None:
         return None
+    # A Unicode minus, and thousands written 9{,}500 or 9\,500.
+    text = str(text).replace("\u2212", "-")
+    text = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}\b)", ",", text)
+    if "####" in text:
+        return answer_of(text.rsplit("####", 1)[1].strip().split("\n")[0])
+    box = boxed(text)
+    if box is not None:
+        return answer_of(box)
     m = re.search(r"\b(?:so|thus|answer(?: is)?)\s*:?\s*(-?\d(?:[\d ,]*\d)?)\s*\.?\s*$", text)
-    return None if m is None else re.sub(r"[ ,]", "", m.group(1))
+    if m:
+        return re.sub(r"[ ,]", "", m.group(1))
+    said = list(re.finditer(r"answer\s*(?:is|:)\s*:?(.+)", text, re.IGNORECASE))
+    if said:
+        answer = answer_of(re.split(r"\.(?:\s|$)", said[-1].group(1))[0], prose=False)
+        if answer:
+            return answer
+    # No words: a bare answer ("\frac{1}{2}", "x = 5", "\text{odd}").
+    if not re.search(r"(?:^|\s)[A-Za-z]{3,}", re.sub(r"\{[^{}]*\}", "", text)):
+        return answer_of(text)
+    spans = re.findall(rf"\$\$?([^$]+)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]|({NUMBER})", text, re.S)
+    return answer_of("".join(spans[-1])) if spans else None
+
+
+def same_answer(response, reference):
+    """Whether two texts give the same final answer (final_answer, both sides alike: a response,
+    a dataset's answer, or GSM8K's "... #### 72"): one string once normalised, or equal as math
+    by HF's math-verify ("0.5" = "\\frac{1}{2}"). No answer on either side is never the same."""
+    a, b = final_answer(response), final_answer(reference)
+    if (
+        a is None
+        or b is None
+        or a == b
+        or (PLAIN_NUMBER.fullmatch(a) and PLAIN_NUMBER.fullmatch(b))
+    ):
+        return a is not None and a == b
+    # Imported here: sympy takes most of a second to load.
+    from math_verify import parse, verify
+
+    # math-verify times out by signal.alarm, which works only in the main thread.
+    t = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"${b}$", parsing_timeout=t)
+    pred = parse(f"${a}$", parsing_timeout=t)
+    return bool(gold and pred and verify(gold, pred, timeout_seconds=t))
+
+
+def boxed(text):
+    """What the last \\boxed{...} or \\fbox{...} holds (braces balanced), or "\\boxed 5"'s 5; ""
+    for a box that never closes (a response cut short); None for no box."""
+    boxes = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*(\{)?", text))
+    if not boxes:
+        return None
+    box = boxes[-1]
+    if box.group(1) is None:
+        return re.match(r"[^\s$]*", text[box.end() :]).group()
+    depth = 0
+    for i in range(box.start(1), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[box.end() : i]
+    return ""
 
 
 def normalize_answer(s):
-    """One spelling per answer: "$\\dfrac{1}{2}$." -> "\\frac{1}{2}", "\\left( 1, 2 \\right)" ->
-    "(1,2)", "5\\text{ cm}" -> "5", "50\\%" -> "50"."""
-    s = re.sub(r"\\[dt]frac", r"\\frac", s.strip().strip("$").rstrip(".").strip("$"))
-    s = re.sub(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;:! ]|\^\{?\\circ\}?|\\?%", "", s)
-    # A unit after the value.
-    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$", "", s)
-    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
-    return re.sub(r"\s+", "", s).rstrip(".")
+    """One spelling per answer: "$x = \\dfrac12$." -> "\\frac{1}{2}", "\\$1{,}000 dollars" ->
+    "1000", "5\\text{ cm}" -> "5", "3.50" -> "3.5", "-1/2" -> "-\\frac{1}{2}", "50\\%" -> "50"."""
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    # \frac12 and \frac ab.
+    s = re.sub(r"\\frac\s*([^\s{}\\])\s*([^\s{}\\])", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\(?:left|right|displaystyle)\b|(?<!\\)\\[,;:! $]|\^\{?\\circ\}?|\\?%", "", s)
+    # x = 5 -> 5
+    s = re.sub(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*", "", re.sub(WRAPPING, "", s))
+    # Words or a unit after the number: "18 dollars", "72, in total".
+    m = re.match(
+        rf"({NUMBER})\s*,?\s*(?:\\(?:text|mbox|mathrm)\s*\{{)?\s*[A-Za-z]{{2,}}\b[^=]*$", s
+    )
+    s = m.group(1) if m else s
+    s = re.sub(WRAPPING, "", re.sub(r"\s+", "", s))
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "")
+    m = re.fullmatch(r"(-?)(\d+)/(\d+)", s)
+    if m:
+        s = rf"{m[1]}\frac{{{m[2]}}}{{{m[3]}}}"
+    # 72.00 -> 72, .5 -> 0.5
+    if re.fullmatch(r"-?\d*\.?\d+", s):
+        s = format(Decimal(s).normalize(), "f")
+    return s or None
+
+
+def answer_of(s, prose=True):
+    """normalize_answer(s) with \\text{...} unwrapped; None where prose=False and it reads as
+    prose ("the answer: first compute 5+3=8")."""
+    s = normalize_answer(s)
+    if s is None or not prose and re.search(r"(?<![\\A-Za-z{])[A-Za-z]{3,}", s):
+        return None
+    return re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
 
 
 # ----------------------------------------------------------------------------- label files

@@ -379,7 +379,7 @@ def test_equal_answers_compare_equal(tmp_path):
             "7793",
         ):
             f.write(json.dumps({"prompt": "x", "answer": ref}) + "\n")
-    refs = [r2r.reference_answer(r["answer"]) for r in r2r.read_prompts(str(path))]
+    refs = [r2r.final_answer(r["answer"]) for r in r2r.read_prompts(str(path))]
     assert refs == ["\\frac{1}{2}"] * 3 + ["7793"]
     assert r2r.final_answer("thus \\boxed{\\dfrac{1}{2}}") == refs[0]
 
