@@ -27,6 +27,7 @@ B (r2r.decode_batch), and the steps that called the LLM: 1-(1-s)^B at s.
 """
 
 import gc
+import os
 import resource
 import statistics
 import time
@@ -49,62 +50,26 @@ QWEN3 = dict(
     rope_theta=1000000.0,
     max_position_embeddings=40960,
 )
+# Published sizes: hidden size, layers, attention heads, KV heads, MLP width, tied embeddings.
+SIZES = {
+    "r1-1.5b": (QWEN2, 1536, 28, 12, 2, 8960, False),
+    "r1-32b": (dict(QWEN2, vocab_size=152064), 5120, 64, 40, 8, 27648, False),
+    "qwen3-0.6b": (QWEN3, 1024, 28, 16, 8, 3072, True),
+    "qwen3-1.7b": (QWEN3, 2048, 28, 16, 8, 6144, True),
+    "qwen3-8b": (QWEN3, 4096, 36, 32, 8, 12288, False),
+    "qwen3-14b": (QWEN3, 5120, 40, 40, 8, 17408, False),
+}
 CONFIGS = {
-    "r1-1.5b": dict(
-        QWEN2,
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        tie_word_embeddings=False,
-    ),
-    "r1-32b": dict(
-        QWEN2,
-        hidden_size=5120,
-        num_hidden_layers=64,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        intermediate_size=27648,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
-    "qwen3-0.6b": dict(
-        QWEN3,
-        hidden_size=1024,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        intermediate_size=3072,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-1.7b": dict(
-        QWEN3,
-        hidden_size=2048,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        intermediate_size=6144,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-8b": dict(
-        QWEN3,
-        hidden_size=4096,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=12288,
-        tie_word_embeddings=False,
-    ),
-    "qwen3-14b": dict(
-        QWEN3,
-        hidden_size=5120,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        intermediate_size=17408,
-        tie_word_embeddings=False,
-    ),
+    name: dict(
+        base,
+        hidden_size=H,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=mlp,
+        tie_word_embeddings=tied,
+    )
+    for name, (base, H, layers, heads, kv_heads, mlp, tied) in SIZES.items()
 }
 PAIRS = {
     "r1-1.5b+32b": ("r1-1.5b", "r1-32b"),
@@ -458,71 +423,56 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
 def main(argv=None):
     p = r2r.parser(__doc__, prompts="test.jsonl", split="test")
     p.add_argument(
-        "--engines",
-        nargs="+",
-        choices=["eager", "fast"],
-        default=["eager", "fast"],
-        help="engines to run side by side (r2r.EagerEngine and fast.FastEngine)",
+        "--engines", nargs="+", choices=["eager", "fast"], default=["eager", "fast"], help="engines"
     )
-    p.add_argument(
-        "--pair",
-        default=None,
-        choices=list(PAIRS),
-        help="instead of --slm/--llm/--router: random weights of a published pair",
-    )
-    p.add_argument(
-        "--share", type=float, default=0.13, help="LLM share of the random router (published pairs)"
-    )
+    p.add_argument("--pair", choices=list(PAIRS), help="random weights of a published pair instead")
+    p.add_argument("--share", type=float, default=0.13, help="a --pair's random router's LLM share")
     p.add_argument("--n-prompts", type=int, default=20, help="prompts decoded per mode")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=128,
-        help="new tokens per prompt (published pairs: exactly this many, no EOS)",
-    )
-    p.add_argument(
-        "--prompt-len", type=int, default=128, help="prompt tokens for the published pairs"
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="runs of every measurement: each figure is their median",
-    )
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens (--pair: exactly)")
+    p.add_argument("--prompt-len", type=int, default=128, help="a --pair's prompt tokens")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each figure (their median)")
+    # Tables instead of (or beside) the engine table.
     p.add_argument(
         "--contexts",
         type=int,
         nargs="*",
         default=[],
-        help="also time each step at these context lengths, e.g. 256 1024 4096 "
-        "(the caches filled with zeros: no prefill)",
+        help="also time each step at these context lengths, e.g. 256 1024 4096 (the caches "
+        "filled with zeros: no prefill)",
     )
     p.add_argument(
         "--buffers",
         type=int,
         nargs="*",
         default=[],
-        help="with --contexts: the fast engine's SLM step at the first context "
-        "with buffers of these sizes, e.g. 1024 16384",
+        help="with --contexts: the fast engine's SLM step at the first context with buffers of "
+        "these sizes, e.g. 1024 16384",
     )
     p.add_argument(
         "--batch-sizes",
         type=int,
         nargs="*",
-        default=None,
-        help="print the batch-size table instead (tokens per second at each B; "
-        "--n-prompts is rounded up to a multiple of the largest B)",
+        help="print the batch-size table instead (tokens per second at each B; --n-prompts is "
+        "rounded up to a multiple of the largest B)",
+    )
+    p.add_argument(
+        "--serve-clients",
+        type=int,
+        nargs="*",
+        help="instead, time serve.py's requests/s and tokens/s at these numbers of concurrent "
+        "openai clients, e.g. 1 4 16 (the demo pair by default)",
     )
     p.add_argument(
         "--memory-snapshot",
-        default=None,
-        help="CUDA: record every allocation and write a snapshot to this .pickle at the end, "
-        "or when memory runs out (open it at pytorch.org/memory_viz)",
+        help="CUDA: record every allocation and write a snapshot to this .pickle at the end, or "
+        "when memory runs out (open it at pytorch.org/memory_viz)",
     )
     args = p.parse_args(argv)
     sizes = args.batch_sizes or [1]
     # Before any model loads.
     r2r.check_args(args, n_prompts=1, max_new_tokens=1, prompt_len=1, repeats=1)
+    if args.serve_clients:
+        return serve_table(args)
     if not 0 <= args.share <= 1 or min(sizes + args.contexts) < 1:
         raise r2r.R2RError(
             "--share must lie in [0, 1]; contexts and batch sizes must be at least 1"
@@ -577,6 +527,70 @@ def main(argv=None):
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(args.memory_snapshot)
             r2r.status(f"memory snapshot written to {args.memory_snapshot}")
+
+
+# ----------------------------------------------------------------------------- serve.py under load
+
+
+def serve_table(args):
+    """serve.py under load, in a subprocess on a free loopback port (--max-batch-size: the most
+    clients): c openai clients each ask for the next of --n-prompts prompts (rounded up to a
+    multiple of the most clients) once their last answer came, greedy, up to --max-new-tokens.
+    Requests/s and tokens/s over the wall time, medians of --repeats runs (min-max), and the
+    mean batch size the server decoded them in."""
+    import concurrent.futures
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    import openai
+
+    if args.pair or min(args.serve_clients) < 1:
+        raise r2r.R2RError("--serve-clients takes numbers of at least 1, and no --pair")
+    most = max(args.serve_clients)
+    n = -(-args.n_prompts // most) * most
+    rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field)
+    prompts = [rows[i % len(rows)]["prompt"] for i in range(n)]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")]
+    cmd += ["--port", "0", "--slm", args.slm, "--llm", args.llm, "--router", args.router]
+    cmd += ["--max-batch-size", str(most), "--max-tokens", str(args.max_new_tokens)]
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            # serve.py prints its address once it listens.
+            while not (found := re.search(r"at (http://\S+/v1)", log.seek(0) or log.read())):
+                if server.poll() is not None:
+                    raise r2r.R2RError(f"serve.py stopped: {log.read().strip()}")
+                time.sleep(0.2)
+            client = openai.OpenAI(base_url=found.group(1), api_key="-", max_retries=0)
+
+            def ask(prompt):
+                messages = [dict(role="user", content=prompt)]
+                r = client.chat.completions.create(
+                    model="-", messages=messages, max_tokens=args.max_new_tokens, temperature=0
+                )
+                return r.usage.completion_tokens, r.r2r["batch_size"]
+
+            # A warm-up request.
+            ask(prompts[0])
+            print(f"serve.py, {n} requests of up to {args.max_new_tokens} new tokens")
+            print("| clients | requests/s | tokens/s | mean batch size |\n|---|---|---|---|")
+            for c in args.serve_clients:
+                requests, tokens, batches = [], [], []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    with concurrent.futures.ThreadPoolExecutor(c) as pool:
+                        answers = list(pool.map(ask, prompts))
+                    seconds = time.perf_counter() - t0
+                    requests.append(n / seconds)
+                    tokens.append(sum(k for k, _ in answers) / seconds)
+                    batches += [size for _, size in answers]
+                mean = statistics.mean(batches)
+                print(f"| {c} | {spread(requests)} | {spread(tokens, digits=0)} | {mean:.1f} |")
+        finally:
+            server.terminate()
+            server.wait(30)
 
 
 if __name__ == "__main__":

@@ -422,6 +422,7 @@ def decode_batch(
     eos=None,
     on_step=None,
     stop=None,
+    traces=None,
 ):
     """`decode` for B prompts -> BatchTrace: the four steps again, with a batch dimension.
 
@@ -431,7 +432,8 @@ def decode_batch(
     with probability 1 - (1 - s)^B at LLM share s). And rows leave: a row that stops leaves the
     batch and both caches, so the rest stop paying for it. Prompts are left-padded (left_pad);
     row b draws from generators[b] in decode's order, so its Trace equals its batch-1 decode.
-    stop(trace) -> True ends a row too (a server's stop strings, a client that left)."""
+    stop(trace) -> True ends a row too (a server's stop strings, a client that left); `traces`
+    are the rows' Traces to fill (default: new ones)."""
     threshold = default_threshold(router, threshold)
     eos = engine.limits.eos if eos is None else eos
     slm, llm, V = engine.slm, engine.llm, engine.vocab_size
@@ -441,8 +443,10 @@ def decode_batch(
     slm_cache = DynamicCache()
     llm_cache = DynamicCache()
     generators = generators or [None] * len(prompts)
+    traces = traces or [Trace() for _ in prompts]
     live = [
-        Row(Trace(), g, room(engine.limits, p, max_new_tokens)) for p, g in zip(prompts, generators)
+        Row(t, g, room(engine.limits, p, max_new_tokens))
+        for t, g, p in zip(traces, generators, prompts)
     ]
     batch = BatchTrace([row.trace for row in live])
     t0 = time.perf_counter()
