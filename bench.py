@@ -295,9 +295,7 @@ def step_times(engine, context, reps, parts):
         [0] * context,
         use_router=False,
         threshold=0.0,
-        temperature=0.0,
-        top_p=1.0,
-        generator=None,
+        sampling=r2r.Sampling(),
         max_new_tokens=room(reps),
     )
     fill(engine, context, llm=parts != ["slm"])

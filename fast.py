@@ -202,18 +202,7 @@ class FastEngine(r2r.EagerEngine):
         """The smallest context bucket that holds n tokens."""
         return next(c for c in self.contexts if c >= n)
 
-    def start(
-        self,
-        router,
-        prompt_ids,
-        *,
-        use_router,
-        threshold,
-        temperature,
-        top_p,
-        generator,
-        max_new_tokens,
-    ):
+    def start(self, router, prompt_ids, *, use_router, threshold, sampling, max_new_tokens):
         if len(prompt_ids) + max_new_tokens > self.size:
             raise r2r.R2RError(
                 f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the fast engine's "
@@ -221,8 +210,7 @@ class FastEngine(r2r.EagerEngine):
             )
         self.router = router
         self.use_router = use_router
-        self.temperature, self.top_p = temperature, top_p
-        self.generator = generator
+        self.temperature, self.top_p, self.generator = sampling
         self.threshold.fill_(threshold if use_router else 0)
         # A new prompt: the old slots are junk now.
         for layer in self.slm_cache.layers + self.llm_cache.layers:

@@ -83,15 +83,8 @@ class Router(nn.Module, PyTorchModelHubMixin, library_name="r2r", paper_url=PAPE
         self, hidden_size, top_k=100, width=128, n_blocks=2, dropout=0.1, threshold=0.5, slm=None
     ):
         super().__init__()
-        self.config = dict(
-            hidden_size=hidden_size,
-            top_k=top_k,
-            width=width,
-            n_blocks=n_blocks,
-            dropout=dropout,
-            threshold=threshold,
-            slm=slm,
-        )
+        sizes = dict(hidden_size=hidden_size, top_k=top_k, width=width, n_blocks=n_blocks)
+        self.config = dict(sizes, dropout=dropout, threshold=threshold, slm=slm)
         # One dict, so that a threshold set after training is saved too.
         self._hub_mixin_config = self.config
         self.logit_proj = nn.Linear(top_k, hidden_size)
@@ -138,11 +131,8 @@ def confidence_scores(topk, generator=None):
     1 - top-1 probability, and a uniform random draw."""
     logp = F.log_softmax(topk.float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1) / math.log(topk.shape[-1])
-    return dict(
-        entropy=entropy.clamp(0, 1),
-        top1=1 - logp[:, 0].exp(),
-        random=torch.rand(topk.shape[0], generator=generator, device=topk.device),
-    )
+    random = torch.rand(topk.shape[0], generator=generator, device=topk.device)
+    return dict(entropy=entropy.clamp(0, 1), top1=1 - logp[:, 0].exp(), random=random)
 
 
 # ----------------------------------------------------------------------------- the four steps
@@ -194,6 +184,15 @@ def mean_catch_up(gaps):
     prompt: [0, 3, 5] -> 4.0. The one definition behind every "mean catch-up" r2r prints."""
     gaps = [g for g in gaps if g]
     return sum(gaps) / max(len(gaps), 1)
+
+
+class Sampling(NamedTuple):
+    """How a decode picks its tokens: the argmax at temperature 0, else top-p sampling with draws
+    from `generator` (None: torch's own)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
 
 
 class Proposal(NamedTuple):
@@ -258,25 +257,14 @@ class EagerEngine:
         self.vocab_size = len(tok)
         self.limits = pair_limits(tok, slm, llm)
 
-    def start(
-        self,
-        router,
-        prompt_ids,
-        *,
-        use_router,
-        threshold,
-        temperature,
-        top_p,
-        generator,
-        max_new_tokens,
-    ):
+    def start(self, router, prompt_ids, *, use_router, threshold, sampling, max_new_tokens):
         """A new prompt: empty caches (they grow as needed), and how steps 1-3 decide and pick."""
         self.slm_cache = DynamicCache()
         self.llm_cache = DynamicCache()
         self.router = router
         self.use_router = use_router
         self.threshold = threshold
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.temperature, self.top_p, self.generator = sampling
 
     def pick(self, logits):
         """A token (1,) from logits (1, V): greedy, or by one draw from the prompt's generator."""
@@ -333,9 +321,7 @@ def decode(
         prompt_ids,
         use_router=mode == "r2r",
         threshold=threshold,
-        temperature=temperature,
-        top_p=top_p,
-        generator=generator,
+        sampling=Sampling(temperature, top_p, generator),
         max_new_tokens=n_new,
     )
     trace = Trace()
@@ -621,13 +607,11 @@ def same_answer(response, reference):
     a dataset's answer, or GSM8K's "... #### 72"): one string once normalised, or equal as math
     by HF's math-verify ("0.5" = "\\frac{1}{2}"). No answer on either side is never the same."""
     a, b = final_answer(response), final_answer(reference)
-    if (
-        a is None
-        or b is None
-        or a == b
-        or (PLAIN_NUMBER.fullmatch(a) and PLAIN_NUMBER.fullmatch(b))
-    ):
-        return a is not None and a == b
+    if a is None or b is None:
+        return False
+    # Equal strings, or two plain numbers: math-verify has nothing to add.
+    if a == b or PLAIN_NUMBER.fullmatch(a) and PLAIN_NUMBER.fullmatch(b):
+        return a == b
     # Imported here: sympy takes most of a second to load.
     from math_verify import parse, verify
 
@@ -770,44 +754,26 @@ def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=F
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     if not pair:
         return p
-    p.add_argument(
-        "--slm", default=os.path.join(DEMO, "slm"), help="small model: hub name or local folder"
-    )
-    p.add_argument(
-        "--llm", default=os.path.join(DEMO, "llm"), help="large model sharing the SLM's tokenizer"
-    )
+    demo = os.path.join(DEMO, "{}")
+    p.add_argument("--slm", default=demo.format("slm"), help="small model: hub name or folder")
+    p.add_argument("--llm", default=demo.format("llm"), help="large model sharing its tokenizer")
     if router:
-        p.add_argument(
-            "--router", default=os.path.join(DEMO, "router"), help="router folder or hub name"
-        )
+        p.add_argument("--router", default=demo.format("router"), help="router: folder or hub name")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda, else mps, else cpu)")
-    p.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float16", "float32"],
-        help="default: bfloat16 on cuda, else fp32",
-    )
-    p.add_argument(
-        "--device-map",
-        help="'auto' spreads the LLM (and a judge) over every visible GPU (accelerate)",
-    )
-    p.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="feed prompts raw, without the chat template",
-    )
+    dtypes = ["bfloat16", "float16", "float32"]
+    p.add_argument("--dtype", choices=dtypes, help="default: bfloat16 on cuda, else float32")
+    p.add_argument("--device-map", help="'auto' spreads the LLM (and a judge) over all GPUs")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw")
     if engine:
         p.add_argument(
             "--engine",
             choices=["eager", "fast"],
-            help="eager (any batch size) or fast (static caches, "
-            "CUDA graphs, batch size 1); default: fast where it pays and fits",
+            help="eager (any batch size) or fast (static caches, CUDA graphs, batch size 1); "
+            "default: fast where it pays and fits",
         )
     if prompts:
-        p.add_argument(
-            "--prompts",
-            default=os.path.join(DEMO, prompts),
-            help=".txt, .json, .jsonl file or hub dataset",
-        )
+        where = ".txt, .json or .jsonl file, or hub dataset"
+        p.add_argument("--prompts", default=demo.format(prompts), help=where)
         p.add_argument("--split", default=split, help="split of a hub dataset")
         p.add_argument("--prompt-field", default="prompt", help="field holding the prompt")
         p.add_argument("--answer-field", default="answer", help="field holding the final answer")
@@ -994,21 +960,16 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
             rows = ds.select(range(min(limit or len(ds), len(ds)))).to_list()
     # JSON and UTF-8 errors are ValueErrors.
     except (OSError, ValueError, ConnectionError) as e:
-        if isinstance(e, UnicodeDecodeError):
-            why = "not a UTF-8 text file"
-        else:
-            why = str(e).splitlines()[0]
+        why = str(e).splitlines()[0]
+        why = "not a UTF-8 text file" if isinstance(e, UnicodeDecodeError) else why
         raise R2RError(
             f"cannot read prompts from {source} ({why}): give a .txt (one prompt per line), "
             ".json or .jsonl file, or a HuggingFace dataset"
         )
     rows = rows[:limit] if limit else rows
     for i, r in enumerate(rows, 1):
-        if not isinstance(r, dict) or not isinstance(r.get(prompt_field), str):
-            bad = True
-        else:
-            bad = not r[prompt_field].strip()
-        if bad:
+        text = r.get(prompt_field) if isinstance(r, dict) else None
+        if not isinstance(text, str) or not text.strip():
             fields = ", ".join(r) if isinstance(r, dict) else "-"
             raise R2RError(
                 f"{source} row {i} has no text in a field '{prompt_field}' (fields: {fields}): "
@@ -1016,12 +977,10 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
             )
     if not rows:
         raise R2RError(f"{source} holds no prompts")
+    answers = [r.get(answer_field) for r in rows]
     return [
-        {
-            "prompt": r[prompt_field],
-            "answer": None if r.get(answer_field) is None else str(r[answer_field]),
-        }
-        for r in rows
+        dict(prompt=r[prompt_field], answer=a if a is None else str(a))
+        for r, a in zip(rows, answers)
     ]
 
 
