@@ -75,8 +75,8 @@ class Positions(NamedTuple):
 
 
 class Branch(NamedTuple):
-    """A mismatch to continue from (step 3): response `seq` after its first `prefix` tokens
-    (prompt included), where the SLM writes `token`."""
+    """A mismatch to continue from (step 3): sequence `seq` after `prefix` = prompt + j tokens
+    (a mismatch at response position j), where the SLM writes `token`."""
 
     seq: int
     prefix: int

@@ -436,6 +436,8 @@ def decode_batch(
     ]
     batch = BatchTrace([row.trace for row in live])
     t0 = time.perf_counter()
+    # ids (b, T + n) holds the prompts and every committed column of the b live rows; a cache has
+    # read get_seq_length() columns, so ids[:, s:] is what it has not read.
     for n in range(max_new_tokens):
         # 1. SLM step over the columns it has not read: a candidate per live row.
         tokens = [None] * len(live)
@@ -455,6 +457,7 @@ def decode_batch(
         # 3. One LLM catch-up for the whole batch; only the routed rows take its token.
         if any(routed):
             s = llm_cache.get_seq_length()
+            # The gap in new tokens only, as Trace.gaps counts it.
             batch.gaps.append(ids.shape[1] - max(s, T))
             logits = catch_up(
                 llm, ids[:, s:], llm_cache, attention_mask=mask, position_ids=pos[:, s:]
@@ -564,6 +567,7 @@ def note_cut(limits, traces, rooms, max_new_tokens):
 
 # ----------------------------------------------------------------------------- the answer rule
 
+# Not the method: how label.py's verifier and evaluate.py's accuracy read a final answer.
 # A number as people write it: 72, -3.5, 1,000, .5
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 # What wraps an answer: $...$, \[...\], **bold**, a last "."
