@@ -651,11 +651,26 @@ HUB_NAME = re.compile(r"(?!.*\.(txt|jsonl?)$)\w[\w.-]*(/\w[\w.-]*)?")
 
 
 def run_main(main):
-    """Run a script's main(); bad input becomes one line on stderr, never a traceback."""
+    """Run a script's main(); bad input, or a file it cannot read or write (disk full, no
+    permission), becomes one line on stderr, never a traceback. Ctrl-C exits with status 130, and
+    with stdout piped into a program that left (`head`), quietly with 141, as for SIGPIPE."""
     try:
         main()
+        # Here, not at exit, where a closed pipe could not be caught.
+        sys.stdout.flush()
     except R2RError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        # generate.py may have been streaming the LLM's tokens in colour.
+        if sys.stdout.isatty():
+            sys.stdout.write("\033[0m")
+        raise SystemExit(130)
+    except BrokenPipeError:
+        # Python's last flush of stdout would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141)
+    except OSError as e:
+        raise SystemExit(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}")
 
 
 def status(*args):
@@ -721,7 +736,14 @@ def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=F
 
 
 def check_args(args, **at_least):
-    """What the shared flags and `at_least` (flag=minimum) allow, checked before any model loads."""
+    """What the shared flags and `at_least` (flag=minimum) allow, checked before any model loads;
+    every float flag finite."""
+    for flag, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise R2RError(
+                f"--{flag.replace('_', '-')} must be finite, not {' '.join(map(str, values))}"
+            )
     for flag, low in at_least.items():
         value = getattr(args, flag)
         if value is not None and value < low:
