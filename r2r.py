@@ -153,11 +153,11 @@ def slm_step(slm, fresh, cache, V, **kw):
     return hidden[:, -1], logits[:, -1, :V]
 
 
-def route(router, slm, hidden, logits, tokens, threshold):
-    """Step 2: which candidates `tokens` (B,) go to the LLM? -> (B,) bools. The router decides
-    before any cache has read the token, which is why R2R never rolls back."""
+def route(router, slm, hidden, logits, tokens, threshold, n):
+    """Step 2: which candidates `tokens` (B,) for new token n go to the LLM? -> (B,) bools. The
+    router decides before any cache has read the token, which is why R2R never rolls back."""
     features = router_inputs(slm, hidden, logits, tokens, router.config["top_k"])
-    scores = torch.sigmoid(router(*features))
+    scores = check_finite(torch.sigmoid(router(*features)), "router", n)
     # Compared in float64 (MPS has none), so every engine routes the same scores alike.
     return scores.to(torch.float32 if scores.device.type == "mps" else torch.float64) >= threshold
 
@@ -179,6 +179,17 @@ def sample(logits, temperature, top_p, u):
     cdf = p.cumsum(-1)  # (B, V)
     j = torch.searchsorted(cdf, u[:, None].to(cdf) * cdf[:, -1:])  # (B, 1)
     return idx.gather(-1, j.clamp(max=p.shape[-1] - 1))[:, 0]
+
+
+def check_finite(x, who, n):
+    """x, the logits or scores of the `who` (SLM, LLM or router) at new token n; where they hold
+    NaN or inf, one line that stops decoding. x may be a bool (fast.py checks inside its graphs)."""
+    if not (x if isinstance(x, bool) else torch.isfinite(x).all()):
+        what, fix = "logits", "fp16 overflow? try --dtype bfloat16 or float32"
+        if who == "router":
+            what, fix = "scores", "are its weights NaN? train it again"
+        raise R2RError(f"the {who} gave NaN or inf {what} at new token {n} ({fix})")
+    return x
 
 
 def uniforms(generators, device):
@@ -275,6 +286,7 @@ class EagerEngine:
         self.use_router = use_router
         self.threshold = threshold
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.prompt_len = len(prompt_ids)
 
     def pick(self, logits):
         """A token (1,) from logits (1, V): greedy, or by one draw from the prompt's generator."""
@@ -285,16 +297,19 @@ class EagerEngine:
         """Steps 1-2: the SLM reads the token ids `fresh` and proposes a candidate; the router
         decides."""
         hidden, logits = slm_step(self.slm, torch.tensor([fresh]), self.slm_cache, self.vocab_size)
-        token = self.pick(logits)  # (1,)
+        # The new token's index: the cache holds the prompt and the new tokens before it.
+        n = self.slm_cache.get_seq_length() - self.prompt_len + 1
+        token = self.pick(check_finite(logits, "SLM", n))  # (1,)
         if not self.use_router:
             return Proposal(token.item(), False)
-        routed = route(self.router, self.slm, hidden, logits, token, self.threshold)
+        routed = route(self.router, self.slm, hidden, logits, token, self.threshold, n)
         return Proposal(token.item(), routed.item())
 
     def catch_up(self, gap):
         """Step 3: the LLM reads the token ids `gap` in one pass and writes the next token."""
-        logits = catch_up(self.llm, torch.tensor([gap]), self.llm_cache)  # (1, V')
-        return self.pick(logits[:, : self.vocab_size]).item()
+        logits = catch_up(self.llm, torch.tensor([gap]), self.llm_cache)[:, : self.vocab_size]
+        n = self.llm_cache.get_seq_length() - self.prompt_len + 1
+        return self.pick(check_finite(logits, "LLM", n)).item()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -453,11 +468,11 @@ def decode_batch(
                 slm, ids[:, s:], slm_cache, V, attention_mask=mask, position_ids=pos[:, s:]
             )
             u = uniforms([row.generator for row in live], logits.device) if temperature else None
-            candidates = sample(logits, temperature, top_p, u)  # (b,)
+            candidates = sample(check_finite(logits, "SLM", n + 1), temperature, top_p, u)  # (b,)
             tokens = candidates.tolist()
         # 2. Route each row.
         if mode == "r2r":
-            routed = route(router, slm, hidden, logits, candidates, threshold).tolist()
+            routed = route(router, slm, hidden, logits, candidates, threshold, n + 1).tolist()
         else:
             routed = [mode == "llm"] * len(live)
         # 3. One LLM catch-up for the whole batch; only the routed rows take its token.
@@ -466,10 +481,11 @@ def decode_batch(
             batch.gaps.append(ids.shape[1] - max(s, T))
             logits = catch_up(
                 llm, ids[:, s:], llm_cache, attention_mask=mask, position_ids=pos[:, s:]
-            )  # (b, V')
+            )[:, :V]  # (b, V)
             rows = [i for i, r in enumerate(routed) if r]
             u = uniforms([live[i].generator for i in rows], logits.device) if temperature else None
-            for i, token in zip(rows, sample(logits[rows, :V], temperature, top_p, u).tolist()):
+            logits = check_finite(logits[rows], "LLM", n + 1)
+            for i, token in zip(rows, sample(logits, temperature, top_p, u).tolist()):
                 tokens[i] = token
         # 4. Commit: each live row's token joins its response and the next column.
         ids = torch.cat([ids, torch.tensor(tokens, device=dev)[:, None]], dim=1)  # (b, T + n + 1)
