@@ -421,6 +421,12 @@ def main(argv=None):
     positions = engine.limits.positions
     # Prompts with no room are refused now, not in the middle of the run.
     chat = not args.no_chat_template
+    # Llama 3.1's template writes today's date (strftime_now) into every prompt.
+    if chat and re.search("strftime_now|date_string", tok.chat_template or ""):
+        r2r.status(
+            "note: the chat template writes today's date into every prompt, so chunks labeled on "
+            "another day (a resumed run) saw other prompts"
+        )
     full = [
         r["id"] + 1 for r in rows if len(r2r.encode_prompt(tok, r["prompt"], chat)) >= positions
     ]

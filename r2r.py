@@ -869,6 +869,18 @@ def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_m
     return slm, llm, tok
 
 
+def note_sampling(temperature, *models):
+    """A note, once, where sampling differs from the models' own: r2r applies lm_head itself,
+    without a config's final_logit_softcapping (Gemma 2). Greedy is alike: tanh keeps the order."""
+    for m in models:
+        if temperature > 0 and getattr(m.config.get_text_config(), "final_logit_softcapping", 0):
+            status(
+                f"note: {m.name_or_path} soft-caps its logits and r2r does not, so sampling draws "
+                "from other probabilities than the model's (greedy decoding is unaffected)"
+            )
+            return
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -911,8 +923,12 @@ def load_router(path, slm, tok, device="cpu"):
                 f"{want['name']} has {want[key]}: train a router for this SLM"
             )
     if have.get("embedding_sha") != want["embedding_sha"]:
+        which = f"{have.get('name')}, not for {want['name']}"
+        if have.get("name") == want["name"]:
+            which = f"an SLM named {want['name']} with other weights"
         status(
-            f"warning: the router {path} was trained for {have.get('name')}, not for {want['name']}"
+            f"warning: the router {path} was trained for {which} (embedding hash "
+            f"{have.get('embedding_sha')}, this SLM's {want['embedding_sha']})"
         )
     # The mixin's map_location places the weights it reads, not the module.
     return router.to(device).eval()
