@@ -274,6 +274,8 @@ def main(argv=None):
             row["prompt"]
             for row in r2r.read_prompts(args.prompts_file, args.split, args.prompt_field)
         ]
+    if args.mode == "r2r":
+        r2r.read_router_config(args.router)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None

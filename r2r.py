@@ -16,7 +16,9 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,7 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 PAPER = "https://arxiv.org/abs/2505.21600"
@@ -787,6 +790,49 @@ def is_hub_name(path):
     return HUB_NAME.fullmatch(path) is not None and not os.path.isdir(path.split("/")[0])
 
 
+def check_writable(folder, flag):
+    """Refuses now, in one line, an output folder this process could not write in: a temporary
+    file in it, or in its nearest parent that exists (nothing is made before the work)."""
+    at = os.path.abspath(folder)
+    while not os.path.exists(at):
+        at = os.path.dirname(at)
+    try:
+        tempfile.TemporaryFile(dir=at).close()
+    except OSError as e:
+        raise R2RError(f"cannot write to {folder}: {e.strerror.lower()}: choose another --{flag}")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_json(path, *keys):
+    """The JSON object in the file `path`, with `keys`; else one line that names the file."""
+    try:
+        obj = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    # JSON and UTF-8 errors are ValueErrors.
+    except (OSError, ValueError) as e:
+        raise R2RError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): make it again")
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise R2RError(f"{path} has no {', '.join(missing)}: from an older r2r? make it again")
+    return obj
+
+
+@contextlib.contextmanager
+def atomic(path, suffix=".tmp"):
+    """Writes the file or folder `path` whole: the block writes the path it is given (path +
+    suffix), which then replaces `path`; after an error or Ctrl-C it is removed, not left behind."""
+    tmp = f"{path}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # ----------------------------------------------------------------------------- device and loading
 
 
@@ -827,11 +873,13 @@ def from_pretrained(loader, path, **kw):
     """loader.from_pretrained(path) for a local folder or a hub name; errors in one line."""
     try:
         return loader.from_pretrained(os.path.expanduser(path), **kw)
-    except OSError as e:
-        raise R2RError(
-            f"cannot load {path} ({str(e).splitlines()[0]}); offline, only folders and cached "
-            "models load"
-        )
+    # A damaged tokenizer.json is a ValueError, damaged weights a SafetensorError.
+    except (OSError, ValueError, SafetensorError) as e:
+        why = str(e).splitlines()[0]
+        why = f"damaged .safetensors weights: {why}" if isinstance(e, SafetensorError) else why
+        fix = "offline, only folders and cached models load"
+        fix = "save or download it again" if os.path.isdir(os.path.expanduser(path)) else fix
+        raise R2RError(f"cannot load {path} ({why}): {fix}")
 
 
 def load_tokenizer(path):
@@ -902,6 +950,30 @@ def fingerprint(slm, tok):
     )
 
 
+def read_router_config(path):
+    """A router's config.json, checked before any model loads: a folder's, or a hub name's from
+    its cache or the hub (neither: None, and load_router says why)."""
+    try:
+        folder = os.path.expanduser(path)
+        file = os.path.join(folder, "config.json")
+        file = file if os.path.isdir(folder) else hf_hub_download(path, "config.json")
+    except (OSError, ValueError):
+        return None
+    keys = ("hidden_size", "top_k", "width", "n_blocks", "dropout", "threshold", "slm")
+    config = read_json(file, *keys)
+    for key in keys:
+        value = config[key]
+        number = type(value) in (int, float)
+        want, ok = {
+            "dropout": ("a number in [0, 1)", number and 0 <= value < 1),
+            "threshold": ("a number in [0, 1]", number and 0 <= value <= 1),
+            "slm": ("an object (the SLM's fingerprint)", isinstance(value, dict)),
+        }.get(key, ("an integer >= 1", type(value) is int and value >= 1))
+        if not ok:
+            raise R2RError(f"{file}: {key} must be {want}, not {value!r}: train the router again")
+    return config
+
+
 def load_router(path, slm, tok, device="cpu"):
     """Router.from_pretrained (a folder or a hub name) on `device`, checked against this SLM."""
     try:
@@ -909,7 +981,7 @@ def load_router(path, slm, tok, device="cpu"):
         with contextlib.redirect_stdout(sys.stderr):
             router = Router.from_pretrained(path, map_location="cpu", strict=True)
     # Hub errors are OSErrors.
-    except (OSError, TypeError, ValueError, RuntimeError) as e:
+    except (OSError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
         raise R2RError(
             f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
             "train_router.py or a hub name"
