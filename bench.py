@@ -484,6 +484,7 @@ def main(argv=None):
     rows = None
     if not args.pair:
         rows = r2r.read_prompts(args.prompts, args.split, args.prompt_field, limit=args.n_prompts)
+        r2r.read_router_config(args.router)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     if args.pair is None:

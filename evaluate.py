@@ -151,12 +151,12 @@ def parse_args(argv=None):
         )
     if args.out and not args.out.endswith((".json", ".csv")):
         raise r2r.R2RError(f"--out {args.out}: name a .json or a .csv file")
-    for flag, path in (
-        ("out", args.out),
-        ("plot", args.plot),
-    ):  # fail now, not after the evaluation
+    # Fail now, not after the evaluation.
+    for flag, path in (("out", args.out), ("plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise r2r.R2RError(f"--{flag} {path}: its folder does not exist")
+        if path:
+            r2r.check_writable(os.path.dirname(os.path.abspath(path)), flag)
     if args.plot and not args.plot.endswith((".png", ".pdf", ".svg")):
         raise r2r.R2RError(f"--plot {args.plot}: name a .png, .pdf or .svg file")
     if args.plot:
@@ -175,6 +175,7 @@ def evaluate(args):
         raise r2r.R2RError(
             f"{args.prompts} lacks '{args.answer_field}' on some rows: evaluation needs answers"
         )
+    r2r.read_router_config(args.router)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device)
@@ -243,14 +244,13 @@ def evaluate(args):
 
 def write_rows(results, path):
     """Every row to a .json (a list of objects) or .csv file, written atomically."""
-    with open(path + ".tmp", "w", newline="") as f:
+    with r2r.atomic(path) as tmp, open(tmp, "w", newline="") as f:
         if path.endswith(".json"):
             json.dump(results, f, indent=1)
         else:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
             writer.writerows(results)
-    os.replace(path + ".tmp", path)
 
 
 def pyplot():

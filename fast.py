@@ -10,13 +10,14 @@ context bucket (min_context, 2x, 4x, ..., the buffer: the smallest that holds th
 an attention function registered with transformers (ATTENTION) slices keys, values and mask to it
 (what it drops is masked anyway). Steps 1-2 (SLM step, candidate, router score against a threshold
 held in a device tensor) are ONE function of the token read: per token the host fills one number,
-replays one graph and reads back two (token, routed). Step 3 pads the gap to a power of two (1, 2,
-4, ... max_bucket): the padding writes junk K/V past the gap, which no query attends to (the mask is
-causal) and the next real tokens overwrite; each layer's length is set back to the real one inside
-the function, and the logits are read at the gap's last real token. One function per (step,
-catch-up bucket, context bucket), built at first use and kept for every prompt: on CUDA the
-one-token ones compiled and all captured as CUDA graphs, off CUDA plain calls (what the tests
-check). Sampling draws one uniform per pick from the prompt's generator in both engines.
+replays one graph and reads back four (token, routed, and whether the logits and the score were
+finite: NaN or inf stops decoding in one line, as in the eager engine). Step 3 pads the gap to a
+power of two (1, 2, 4, ... max_bucket): the padding writes junk K/V past the gap, which no query
+attends to (the mask is causal) and the next real tokens overwrite; each layer's length is set back
+to the real one inside the function, and the logits are read at the gap's last real token. One
+function per (step, catch-up bucket, context bucket), built at first use and kept for every prompt:
+on CUDA the one-token ones compiled and all captured as CUDA graphs, off CUDA plain calls (what the
+tests check). Sampling draws one uniform per pick from the prompt's generator in both engines.
 
 What it leaves out. Batches (r2r.decode_batch is eager); an LLM over several GPUs (a CUDA graph runs
 on one); sliding-window layers (Mistral, Gemma 2: their static layers count in Python ints it cannot
@@ -211,6 +212,7 @@ class FastEngine(r2r.EagerEngine):
         self.router = router
         self.use_router = use_router
         self.temperature, self.top_p, self.generator = sampling
+        self.prompt_len = len(prompt_ids)
         self.threshold.fill_(threshold if use_router else 0)
         # A new prompt: the old slots are junk now.
         for layer in self.slm_cache.layers + self.llm_cache.layers:
@@ -240,7 +242,11 @@ class FastEngine(r2r.EagerEngine):
             fn = self._slm_fn(context, self.use_router, self.temperature, self.top_p)
             out = fn()
         self.slm_seen += len(fresh)
-        token, routed = out.tolist()
+        token, routed, slm_ok, router_ok = out.tolist()
+        # The new token's index, as the eager engine counts it.
+        n = self.slm_seen - self.prompt_len + 1
+        r2r.check_finite(bool(slm_ok), "SLM", n)
+        r2r.check_finite(bool(router_ok), "router", n)
         return r2r.Proposal(token, bool(routed))
 
     def catch_up(self, gap):
@@ -256,30 +262,40 @@ class FastEngine(r2r.EagerEngine):
             fn = self._llm_fn(P, self.bucket(self.llm_seen + P), self.temperature, self.top_p)
             self.gap_ids[P][:, : len(gap)] = ids
             self.gap.fill_(len(gap))
-            token = fn().item()
+            out = fn()
         else:
             # As in propose: the first pass reads after what the cache holds.
             self.llm_seen = self.llm_seen or int(self.llm_cache.get_seq_length())
             context = self.bucket(self.llm_seen + len(gap))
             hidden = attend(self.llm, ids, self.llm_cache, context)[:, -1]  # (1, H)
             logits = self.llm.get_output_embeddings()(hidden)[:, : self.vocab_size]  # (1, V)
-            token = r2r.sample(logits, self.temperature, self.top_p, self.u_llm).item()
+            out = self._pick(logits, self.temperature, self.top_p)
         self.llm_seen += len(gap)
+        token, ok = out.tolist()
+        r2r.check_finite(bool(ok), "LLM", self.llm_seen - self.prompt_len + 1)
         return token
 
     def _decide(self, hidden, logits, use_router, temperature, top_p):
-        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V) -> (2,):
-        candidate, routed."""
+        """Steps 1-2 on the SLM's hidden state (1, H) and logits (1, V) -> (4,): candidate,
+        routed, and whether the logits and the router's score are finite (read with the token:
+        no extra sync)."""
         token = r2r.sample(logits, temperature, top_p, self.u_slm)  # (1,)
+        slm_ok = torch.isfinite(logits).all(-1).long()  # (1,)
         if not use_router:
-            return torch.cat([token, torch.zeros_like(token)])
+            return torch.cat([token, torch.zeros_like(token), slm_ok, torch.ones_like(token)])
         feats = r2r.router_inputs(self.slm, hidden, logits, token, self.router.config["top_k"])
-        routed = torch.sigmoid(self.router(*feats)).to(self.threshold) >= self.threshold  # (1,)
-        return torch.cat([token, routed.long()])
+        score = torch.sigmoid(self.router(*feats))  # (1,)
+        routed = score.to(self.threshold) >= self.threshold  # (1,)
+        return torch.cat([token, routed.long(), slm_ok, torch.isfinite(score).long()])
+
+    def _pick(self, logits, temperature, top_p):
+        """Step 3's pick from the LLM's logits (1, V) -> (2,): its token, and whether the logits
+        are finite."""
+        token = r2r.sample(logits, temperature, top_p, self.u_llm)  # (1,)
+        return torch.cat([token, torch.isfinite(logits).all(-1).long()])
 
     def _slm_fn(self, context, use_router, temperature, top_p):
-        """Steps 1-2 for the token in self.fresh, as one captured function -> (2,):
-        candidate, routed."""
+        """Steps 1-2 for the token in self.fresh, as one captured function -> (4,), as _decide."""
 
         def fn():
             hidden = attend(self.slm, self.fresh, self.slm_cache, context)[:, -1]  # (1, H)
@@ -292,7 +308,7 @@ class FastEngine(r2r.EagerEngine):
 
     def _llm_fn(self, P, context, temperature, top_p):
         """Step 3 for the self.gap tokens at the start of self.gap_ids[P], padded to P
-        -> the LLM's token (1,)."""
+        -> (2,): the LLM's token, and whether its logits were finite."""
         # Any gap <= P is valid while capturing; the caller sets the real one after.
         self.gap.fill_(P)
 
@@ -303,7 +319,7 @@ class FastEngine(r2r.EagerEngine):
             for layer in self.llm_cache.layers:
                 layer.cumulative_length.copy_(start + self.gap[0])
             logits = self.llm.get_output_embeddings()(hidden[:, self.gap - 1])  # (1, 1, V)
-            return r2r.sample(logits[:, 0, : self.vocab_size], temperature, top_p, self.u_llm)
+            return self._pick(logits[:, 0, : self.vocab_size], temperature, top_p)
 
         return self._captured(("llm", P, context, temperature, top_p), fn, P == 1)
 

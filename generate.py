@@ -274,9 +274,12 @@ def main(argv=None):
             row["prompt"]
             for row in r2r.read_prompts(args.prompts_file, args.split, args.prompt_field)
         ]
+    if args.mode == "r2r":
+        r2r.read_router_config(args.router)
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
+    r2r.note_sampling(args.temperature, slm, llm)
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
     # Refuses, before decoding, a prompt with no room in the models' positions.

@@ -202,14 +202,20 @@ class Judge(NamedTuple):
 
 # The authors' question (R2R Stage 1), in our words.
 JUDGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
-with open(JUDGE_FILE, encoding="utf-8") as f:
-    JUDGE_PROMPT = f.read().rstrip("\n")
 
 
 def judge_prompt(context, a, b):
-    """The judge's question; `a` and `b` carry the << >> marks; the last 1000 characters of
-    context."""
-    return JUDGE_PROMPT.format(context=context[-1000:], a=a, b=b)
+    """The judge's question from JUDGE_FILE; `a` and `b` carry the << >> marks; the last 1000
+    characters of context. A file it cannot read, or with other fields, is one line."""
+    try:
+        text = pathlib.Path(JUDGE_FILE).read_text(encoding="utf-8").rstrip("\n")
+        return text.format(context=context[-1000:], a=a, b=b)
+    # Another field is a KeyError or an IndexError; a lone brace or bad UTF-8 a ValueError.
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise r2r.R2RError(
+            f"cannot use {JUDGE_FILE} ({e!r}): its fields are {{context}}, {{a}} and {{b}}; write "
+            "other braces twice"
+        )
 
 
 def sentence_view(tok, response, j, branch, ends):
@@ -372,6 +378,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     positive = "limit max_new_tokens judge_span batch_size branch_tokens judge_batch_size top_k"
     r2r.check_args(args, **dict.fromkeys(positive.split(), 1))
+    # judge_prompt.txt, checked before any model loads.
+    if args.verifier != "answer":
+        judge_prompt("", "", "")
     return args
 
 
@@ -385,7 +394,7 @@ def shard_name(index, rows):
 def check_meta(meta, meta_file, out, rank):
     """Resume only with the arguments that change a row: refuse others in one line; the first
     run writes meta.json, atomically, every rank the same, before any shard."""
-    old = json.loads(meta_file.read_text()) if meta_file.exists() else meta
+    old = r2r.read_json(meta_file, "fingerprint") if meta_file.exists() else meta
     if old != meta:
         changed = "; ".join(
             f"{k} {old.get(k)!r} -> {meta.get(k)!r}"
@@ -397,9 +406,8 @@ def check_meta(meta, meta_file, out, rank):
             "use another --out or delete it"
         )
     if not meta_file.exists():
-        tmp = meta_file.with_suffix(f".{rank}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_file)
+        with r2r.atomic(meta_file, f".{rank}.tmp") as tmp:
+            pathlib.Path(tmp).write_text(json.dumps(meta, indent=2))
 
 
 def main(argv=None):
@@ -416,6 +424,7 @@ def main(argv=None):
             f"--verifier answer needs answers, and {args.prompts} has no '{args.answer_field}' "
             "field: name it with --answer-field or use a judge model"
         )
+    r2r.check_writable(args.out, "out")
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     # decode's stop ids and the models' positions: every greedy path alike.
@@ -423,6 +432,12 @@ def main(argv=None):
     positions = engine.limits.positions
     # Prompts with no room are refused now, not in the middle of the run.
     chat = not args.no_chat_template
+    # Llama 3.1's template writes today's date (strftime_now) into every prompt.
+    if chat and re.search("strftime_now|date_string", tok.chat_template or ""):
+        r2r.status(
+            "note: the chat template writes today's date into every prompt, so chunks labeled on "
+            "another day (a resumed run) saw other prompts"
+        )
     full = [
         r["id"] + 1 for r in rows if len(r2r.encode_prompt(tok, r["prompt"], chat)) >= positions
     ]
@@ -470,10 +485,10 @@ def main(argv=None):
             slm, llm, tok, chunk, args, judge=judge, engine=engine, ends=ends, steps=steps
         )
         ds = datasets.Dataset.from_dict(out or {k: [] for k in features}, features=features)
-        ds.save_to_disk(path + ".tmp")
-        with open(os.path.join(path + ".tmp", "stats.json"), "w") as f:
-            json.dump(stats, f)
-        os.replace(path + ".tmp", path)
+        with r2r.atomic(path) as tmp:
+            ds.save_to_disk(tmp)
+            with open(os.path.join(tmp, "stats.json"), "w") as f:
+                json.dump(stats, f)
         r2r.status(f"labeled {c + len(chunk)}/{len(rows)} prompts: {path}, {len(ds)} positions")
     ranks.wait_for_everyone()
     if ranks.is_main_process:
@@ -484,8 +499,7 @@ def summarize(folder, tok, steps):
     ds = r2r.load_labels(folder)[1]
     stats = collections.Counter()
     for s in sorted(os.listdir(os.path.join(folder, "shards"))):
-        with open(os.path.join(folder, "shards", s, "stats.json")) as f:
-            stats.update(json.load(f))
+        stats.update(r2r.read_json(os.path.join(folder, "shards", s, "stats.json")))
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats.items())) or "nothing"
     if len(ds) == 0:
         raise r2r.R2RError(

@@ -16,7 +16,9 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 PAPER = "https://arxiv.org/abs/2505.21600"
@@ -145,11 +148,11 @@ def slm_step(slm, fresh, cache, V, **kw):
     return hidden[:, -1], logits[:, -1, :V]
 
 
-def route(router, slm, hidden, logits, tokens, threshold):
-    """Step 2: which candidates `tokens` (B,) go to the LLM? -> (B,) bools. The router decides
-    before any cache has read the token, which is why R2R never rolls back."""
+def route(router, slm, hidden, logits, tokens, threshold, n):
+    """Step 2: which candidates `tokens` (B,) for new token n go to the LLM? -> (B,) bools. The
+    router decides before any cache has read the token, which is why R2R never rolls back."""
     features = router_inputs(slm, hidden, logits, tokens, router.config["top_k"])
-    scores = torch.sigmoid(router(*features))
+    scores = check_finite(torch.sigmoid(router(*features)), "router", n)
     # Compared in float64 (MPS has none), so every engine routes the same scores alike.
     return scores.to(torch.float32 if scores.device.type == "mps" else torch.float64) >= threshold
 
@@ -171,6 +174,17 @@ def sample(logits, temperature, top_p, u):
     cdf = p.cumsum(-1)  # (B, V)
     j = torch.searchsorted(cdf, u[:, None].to(cdf) * cdf[:, -1:])  # (B, 1)
     return idx.gather(-1, j.clamp(max=p.shape[-1] - 1))[:, 0]
+
+
+def check_finite(x, who, n):
+    """x, the logits or scores of the `who` (SLM, LLM or router) at new token n; where they hold
+    NaN or inf, one line that stops decoding. x may be a bool (fast.py checks inside its graphs)."""
+    if not (x if isinstance(x, bool) else torch.isfinite(x).all()):
+        what, fix = "logits", "fp16 overflow? try --dtype bfloat16 or float32"
+        if who == "router":
+            what, fix = "scores", "are its weights NaN? train it again"
+        raise R2RError(f"the {who} gave NaN or inf {what} at new token {n} ({fix})")
+    return x
 
 
 def uniforms(generators, device):
@@ -265,6 +279,7 @@ class EagerEngine:
         self.use_router = use_router
         self.threshold = threshold
         self.temperature, self.top_p, self.generator = sampling
+        self.prompt_len = len(prompt_ids)
 
     def pick(self, logits):
         """A token (1,) from logits (1, V): greedy, or by one draw from the prompt's generator."""
@@ -275,16 +290,19 @@ class EagerEngine:
         """Steps 1-2: the SLM reads the token ids `fresh` and proposes a candidate; the router
         decides."""
         hidden, logits = slm_step(self.slm, torch.tensor([fresh]), self.slm_cache, self.vocab_size)
-        token = self.pick(logits)  # (1,)
+        # The new token's index: the cache holds the prompt and the new tokens before it.
+        n = self.slm_cache.get_seq_length() - self.prompt_len + 1
+        token = self.pick(check_finite(logits, "SLM", n))  # (1,)
         if not self.use_router:
             return Proposal(token.item(), False)
-        routed = route(self.router, self.slm, hidden, logits, token, self.threshold)
+        routed = route(self.router, self.slm, hidden, logits, token, self.threshold, n)
         return Proposal(token.item(), routed.item())
 
     def catch_up(self, gap):
         """Step 3: the LLM reads the token ids `gap` in one pass and writes the next token."""
-        logits = catch_up(self.llm, torch.tensor([gap]), self.llm_cache)  # (1, V')
-        return self.pick(logits[:, : self.vocab_size]).item()
+        logits = catch_up(self.llm, torch.tensor([gap]), self.llm_cache)[:, : self.vocab_size]
+        n = self.llm_cache.get_seq_length() - self.prompt_len + 1
+        return self.pick(check_finite(logits, "LLM", n)).item()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -447,11 +465,11 @@ def decode_batch(
                 slm, ids[:, s:], slm_cache, V, attention_mask=mask, position_ids=pos[:, s:]
             )
             u = uniforms([row.generator for row in live], logits.device) if temperature else None
-            candidates = sample(logits, temperature, top_p, u)  # (b,)
+            candidates = sample(check_finite(logits, "SLM", n + 1), temperature, top_p, u)  # (b,)
             tokens = candidates.tolist()
         # 2. Route each row.
         if mode == "r2r":
-            routed = route(router, slm, hidden, logits, candidates, threshold).tolist()
+            routed = route(router, slm, hidden, logits, candidates, threshold, n + 1).tolist()
         else:
             routed = [mode == "llm"] * len(live)
         # 3. One LLM catch-up for the whole batch; only the routed rows take its token.
@@ -461,10 +479,11 @@ def decode_batch(
             batch.gaps.append(ids.shape[1] - max(s, T))
             logits = catch_up(
                 llm, ids[:, s:], llm_cache, attention_mask=mask, position_ids=pos[:, s:]
-            )  # (b, V')
+            )[:, :V]  # (b, V)
             rows = [i for i, r in enumerate(routed) if r]
             u = uniforms([live[i].generator for i in rows], logits.device) if temperature else None
-            for i, token in zip(rows, sample(logits[rows, :V], temperature, top_p, u).tolist()):
+            logits = check_finite(logits[rows], "LLM", n + 1)
+            for i, token in zip(rows, sample(logits, temperature, top_p, u).tolist()):
                 tokens[i] = token
         # 4. Commit: each live row's token joins its response and the next column.
         ids = torch.cat([ids, torch.tensor(tokens, device=dev)[:, None]], dim=1)  # (b, T + n + 1)
@@ -733,11 +752,26 @@ HUB_NAME = re.compile(r"(?!.*\.(txt|jsonl?)$)\w[\w.-]*(/\w[\w.-]*)?")
 
 
 def run_main(main):
-    """Run a script's main(); bad input becomes one line on stderr, never a traceback."""
+    """Run a script's main(); bad input, or a file it cannot read or write (disk full, no
+    permission), becomes one line on stderr, never a traceback. Ctrl-C exits with status 130, and
+    with stdout piped into a program that left (`head`), quietly with 141, as for SIGPIPE."""
     try:
         main()
+        # Here, not at exit, where a closed pipe could not be caught.
+        sys.stdout.flush()
     except R2RError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        # generate.py may have been streaming the LLM's tokens in colour.
+        if sys.stdout.isatty():
+            sys.stdout.write("\033[0m")
+        raise SystemExit(130)
+    except BrokenPipeError:
+        # Python's last flush of stdout would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141)
+    except OSError as e:
+        raise SystemExit(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}")
 
 
 def status(*args):
@@ -785,7 +819,14 @@ def parser(doc, *, pair=True, router=True, prompts=None, split="train", engine=F
 
 
 def check_args(args, **at_least):
-    """What the shared flags and `at_least` (flag=minimum) allow, checked before any model loads."""
+    """What the shared flags and `at_least` (flag=minimum) allow, checked before any model loads;
+    every float flag finite."""
+    for flag, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise R2RError(
+                f"--{flag.replace('_', '-')} must be finite, not {' '.join(map(str, values))}"
+            )
     for flag, low in at_least.items():
         value = getattr(args, flag)
         if value is not None and value < low:
@@ -811,6 +852,49 @@ def check_args(args, **at_least):
 def is_hub_name(path):
     """ "owner/name" or "name", but not "demo/slmm", a typo in an existing folder."""
     return HUB_NAME.fullmatch(path) is not None and not os.path.isdir(path.split("/")[0])
+
+
+def check_writable(folder, flag):
+    """Refuses now, in one line, an output folder this process could not write in: a temporary
+    file in it, or in its nearest parent that exists (nothing is made before the work)."""
+    at = os.path.abspath(folder)
+    while not os.path.exists(at):
+        at = os.path.dirname(at)
+    try:
+        tempfile.TemporaryFile(dir=at).close()
+    except OSError as e:
+        raise R2RError(f"cannot write to {folder}: {e.strerror.lower()}: choose another --{flag}")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_json(path, *keys):
+    """The JSON object in the file `path`, with `keys`; else one line that names the file."""
+    try:
+        obj = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    # JSON and UTF-8 errors are ValueErrors.
+    except (OSError, ValueError) as e:
+        raise R2RError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): make it again")
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise R2RError(f"{path} has no {', '.join(missing)}: from an older r2r? make it again")
+    return obj
+
+
+@contextlib.contextmanager
+def atomic(path, suffix=".tmp"):
+    """Writes the file or folder `path` whole: the block writes the path it is given (path +
+    suffix), which then replaces `path`; after an error or Ctrl-C it is removed, not left behind."""
+    tmp = f"{path}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- device and loading
@@ -853,11 +937,13 @@ def from_pretrained(loader, path, **kw):
     """loader.from_pretrained(path) for a local folder or a hub name; errors in one line."""
     try:
         return loader.from_pretrained(os.path.expanduser(path), **kw)
-    except OSError as e:
-        raise R2RError(
-            f"cannot load {path} ({str(e).splitlines()[0]}); offline, only folders and cached "
-            "models load"
-        )
+    # A damaged tokenizer.json is a ValueError, damaged weights a SafetensorError.
+    except (OSError, ValueError, SafetensorError) as e:
+        why = str(e).splitlines()[0]
+        why = f"damaged .safetensors weights: {why}" if isinstance(e, SafetensorError) else why
+        fix = "offline, only folders and cached models load"
+        fix = "save or download it again" if os.path.isdir(os.path.expanduser(path)) else fix
+        raise R2RError(f"cannot load {path} ({why}): {fix}")
 
 
 def load_tokenizer(path):
@@ -898,6 +984,18 @@ def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_m
     return slm, llm, tok
 
 
+def note_sampling(temperature, *models):
+    """A note, once, where sampling differs from the models' own: r2r applies lm_head itself,
+    without a config's final_logit_softcapping (Gemma 2). Greedy is alike: tanh keeps the order."""
+    for m in models:
+        if temperature > 0 and getattr(m.config.get_text_config(), "final_logit_softcapping", 0):
+            status(
+                f"note: {m.name_or_path} soft-caps its logits and r2r does not, so sampling draws "
+                "from other probabilities than the model's (greedy decoding is unaffected)"
+            )
+            return
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -919,6 +1017,30 @@ def fingerprint(slm, tok):
     )
 
 
+def read_router_config(path):
+    """A router's config.json, checked before any model loads: a folder's, or a hub name's from
+    its cache or the hub (neither: None, and load_router says why)."""
+    try:
+        folder = os.path.expanduser(path)
+        file = os.path.join(folder, "config.json")
+        file = file if os.path.isdir(folder) else hf_hub_download(path, "config.json")
+    except (OSError, ValueError):
+        return None
+    keys = ("hidden_size", "top_k", "width", "n_blocks", "dropout", "threshold", "slm")
+    config = read_json(file, *keys)
+    for key in keys:
+        value = config[key]
+        number = type(value) in (int, float)
+        want, ok = {
+            "dropout": ("a number in [0, 1)", number and 0 <= value < 1),
+            "threshold": ("a number in [0, 1]", number and 0 <= value <= 1),
+            "slm": ("an object (the SLM's fingerprint)", isinstance(value, dict)),
+        }.get(key, ("an integer >= 1", type(value) is int and value >= 1))
+        if not ok:
+            raise R2RError(f"{file}: {key} must be {want}, not {value!r}: train the router again")
+    return config
+
+
 def load_router(path, slm, tok, device="cpu"):
     """Router.from_pretrained (a folder or a hub name) on `device`, checked against this SLM."""
     try:
@@ -926,7 +1048,7 @@ def load_router(path, slm, tok, device="cpu"):
         with contextlib.redirect_stdout(sys.stderr):
             router = Router.from_pretrained(path, map_location="cpu", strict=True)
     # Hub errors are OSErrors.
-    except (OSError, TypeError, ValueError, RuntimeError) as e:
+    except (OSError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
         raise R2RError(
             f"cannot load the router {path} ({str(e).splitlines()[0]}): give a folder written by "
             "train_router.py or a hub name"
@@ -940,8 +1062,12 @@ def load_router(path, slm, tok, device="cpu"):
                 f"{want['name']} has {want[key]}: train a router for this SLM"
             )
     if have.get("embedding_sha") != want["embedding_sha"]:
+        which = f"{have.get('name')}, not for {want['name']}"
+        if have.get("name") == want["name"]:
+            which = f"an SLM named {want['name']} with other weights"
         status(
-            f"warning: the router {path} was trained for {have.get('name')}, not for {want['name']}"
+            f"warning: the router {path} was trained for {which} (embedding hash "
+            f"{have.get('embedding_sha')}, this SLM's {want['embedding_sha']})"
         )
     # The mixin's map_location places the weights it reads, not the module.
     return router.to(device).eval()

@@ -14,6 +14,7 @@ were measured on prompts that chose nothing. It does not label (label.py) or dec
 """
 
 import os
+import shutil
 import sys
 from typing import NamedTuple
 
@@ -188,16 +189,33 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
 
 
 def save_router(router, folder):
-    """router.save_pretrained(folder), each file replaced whole: a killed run leaves no
-    half-written file, and config.json (the threshold), written last, never names weights that
-    are not there yet."""
-    tmp = folder.rstrip("/") + ".tmp"
-    router.save_pretrained(tmp)
-    os.makedirs(folder, exist_ok=True)
-    # config.json last: it marks a whole router.
-    for name in ("model.safetensors", "README.md", "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    os.rmdir(tmp)
+    """router.save_pretrained(folder) as a whole: written to a sibling folder, then swapped in (the
+    old one renamed aside, removed last), so a reader never sees new weights beside an old config.
+    Its files get the modes of any file the umask allows (safetensors writes 0600)."""
+    folder = os.path.normpath(folder)
+    tmp = folder + ".tmp"
+    old = folder + ".old"
+    # The umask is read by setting it.
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def tidy():
+        # A swap that failed, or was killed, puts the old router back.
+        if os.path.exists(old) and not os.path.exists(folder):
+            os.rename(old, folder)
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    tidy()
+    try:
+        router.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        if os.path.exists(folder):
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+    finally:
+        tidy()
 
 
 def parse_args(argv=None):
@@ -284,6 +302,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    # Before any work: where the router goes (beside --out), and an old or damaged meta.json.
+    r2r.check_writable(os.path.dirname(os.path.abspath(args.out)), "out")
+    if os.path.exists(os.path.join(args.labels, "meta.json")):
+        r2r.read_json(os.path.join(args.labels, "meta.json"), "slm", "fingerprint")
     data, slm, tok, meta = load_features(args.labels, args.device)
     # The SLM's own embedding table, frozen.
     emb_table = slm.get_input_embeddings().float().requires_grad_(False)
