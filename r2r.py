@@ -1,11 +1,9 @@
-"""
-r2r.py: R2R ("Roads to Rome", arXiv 2505.21600) and what the scripts share.
+"""r2r.py: R2R ("Roads to Rome", arXiv 2505.21600) and what the scripts share.
 
 Top to bottom: the router's features, the router and its baselines, the four steps of mixed
 decoding and the loop over them (batch size 1, then batched); then the plumbing: the pair's
 limits, the answer rule, the label files, command line, device, loading, prompts. fast.py runs
-the loop's seam on CUDA graphs. No labeling, training or reports: those are the scripts.
-"""
+the loop's seam on CUDA graphs. No labeling, training or reports: those are the scripts."""
 
 import argparse
 import contextlib
@@ -252,12 +250,12 @@ class Trace:
     @classmethod
     def join(cls, traces):
         """Many decodes as one, for statistics over a whole run."""
-        return cls(
-            [t for x in traces for t in x.tokens],
-            [f for x in traces for f in x.from_llm],
-            [g for x in traces for g in x.gaps],
-            sum(x.seconds for x in traces),
-        )
+        joined = cls(seconds=sum(x.seconds for x in traces))
+        for x in traces:
+            joined.tokens += x.tokens
+            joined.from_llm += x.from_llm
+            joined.gaps += x.gaps
+        return joined
 
 
 class EagerEngine:
@@ -542,12 +540,11 @@ def pair_limits(tok, *models):
 
 
 def rope_limit(config):
-    """The most positions (prompt + response) a model of `config` reads with the RoPE factors it
-    starts with; None if they never change. transformers 5 picks the factors of each forward call
-    by its largest position while cached keys keep the old ones, so r2r stops here to stay exact.
-    longrope (Phi-3/3.5/4-mini, PhiMoE) takes its long factors once a call reads past
-    original_max_position_embeddings; dynamic NTK rescales only past max_position_embeddings,
-    where r2r stops anyway; the other types never change."""
+    """The most positions a model of `config` reads with the RoPE factors it starts with (None:
+    they never change); r2r stops there to stay exact, as transformers 5 picks each call's
+    factors by its largest position while cached keys keep the old ones. longrope (Phi-3/3.5/4,
+    PhiMoE) switches past original_max_position_embeddings, dynamic NTK past
+    max_position_embeddings, where r2r stops anyway."""
     text = config.get_text_config()
     params = getattr(text, "rope_parameters", None) or {}
     limits = []
@@ -662,9 +659,11 @@ def boxed(text):
     return ""
 
 
-def normalize_answer(s):
+def answer_of(s, prose=True):
     """One spelling per answer: "$x = \\dfrac12$." -> "\\frac{1}{2}", "\\$1{,}000 dollars" ->
-    "1000", "5\\text{ cm}" -> "5", "3.50" -> "3.5", "-1/2" -> "-\\frac{1}{2}", "50\\%" -> "50"."""
+    "1000", "5\\text{ cm}" -> "5", "3.50" -> "3.5", "-1/2" -> "-\\frac{1}{2}", "50\\%" -> "50",
+    "\\text{odd}" -> "odd"; None for nothing, or where prose=False and it reads as prose ("the
+    answer: first compute 5+3=8")."""
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     # \frac12 and \frac ab.
     s = re.sub(r"\\frac\s*([^\s{}\\])\s*([^\s{}\\])", r"\\frac{\1}{\2}", s)
@@ -685,14 +684,7 @@ def normalize_answer(s):
     # 72.00 -> 72, .5 -> 0.5
     if re.fullmatch(r"-?\d*\.?\d+", s):
         s = format(Decimal(s).normalize(), "f")
-    return s or None
-
-
-def answer_of(s, prose=True):
-    """normalize_answer(s) with \\text{...} unwrapped; None where prose=False and it reads as
-    prose ("the answer: first compute 5+3=8")."""
-    s = normalize_answer(s)
-    if s is None or not prose and re.search(r"(?<![\\A-Za-z{])[A-Za-z]{3,}", s):
+    if not s or not prose and re.search(r"(?<![\\A-Za-z{])[A-Za-z]{3,}", s):
         return None
     return re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
 
@@ -903,11 +895,8 @@ def atomic(path, suffix=".tmp"):
 def pick_device(device=None, dtype=None):
     """cuda, then mps, then cpu; bf16 on cuda, fp32 elsewhere. Says what it chose."""
     if device is None:
-        device = "cpu"
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif torch.backends.mps.is_available():
-            device = "mps"
+        mps = torch.backends.mps.is_available()
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     # cuDNN's attention (SDPA's pick on Hopper) plans anew for every length.
     if device.startswith("cuda"):
@@ -1007,10 +996,8 @@ def fingerprint(slm, tok):
     rows = slm.get_input_embeddings().weight[:8].detach().cpu()
     signs = (~torch.signbit(rows)).numpy().tobytes()
     name = slm.name_or_path
-    if os.path.isdir(name):
-        name = os.path.basename(os.path.normpath(name))
     return dict(
-        name=name,
+        name=os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name,
         hidden_size=slm.config.get_text_config().hidden_size,
         vocab=len(tok),
         embedding_sha=hashlib.sha256(signs).hexdigest()[:16],
@@ -1108,17 +1095,14 @@ def read_prompts(source, split="train", prompt_field="prompt", answer_field="ans
     if not rows:
         raise R2RError(f"{source} holds no prompts")
     answers = [r.get(answer_field) for r in rows]
-    return [
-        dict(prompt=r[prompt_field], answer=a if a is None else str(a))
-        for r, a in zip(rows, answers)
-    ]
+    answers = [a if a is None else str(a) for a in answers]
+    return [dict(prompt=r[prompt_field], answer=a) for r, a in zip(rows, answers)]
 
 
 def read_file(path, prompt_field):
     """A local prompts file as a list of rows, blank lines skipped; a ValueError says what is
     wrong."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = pathlib.Path(path).read_text(encoding="utf-8")
     if path.endswith(".txt"):
         return [{prompt_field: line} for line in text.splitlines() if line.strip()]
     if text.lstrip().startswith("["):
