@@ -16,6 +16,7 @@ world size, labels only missing or edited chunks.
 
 import collections
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import shutil
 import time
 from typing import NamedTuple
 
-import datasets
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
@@ -37,6 +38,8 @@ import r2r
 # The authors' shares, R1-1.5B against R1-32B.
 PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}
 SENTENCE_END = re.compile(r"[.!?;\n]")
+# Step 4's verdicts: label 1 = divergent (R2R Stage 1); None, unverifiable, drops the position.
+VERDICTS = {0: "neutral", 1: "divergent", None: None}
 # Step 2 holds at most this many logits at once (32 MiB in bf16), whatever the vocabulary.
 SLICE_LOGITS = 2**24
 
@@ -93,8 +96,9 @@ def pad_right(seqs, device):
 
 
 @torch.no_grad()
-def slm_positions(slm, tok, seqs, starts, k):
-    """Step 2, teacher forcing: one batched, right-padded SLM pass -> Positions of each response.
+def slm_positions(slm, tok, seqs, starts, k, dtype):
+    """Step 2, teacher forcing: one batched, right-padded SLM pass -> Positions of each response,
+    the features in the shards' dtype.
     lm_head runs over slices of SLICE_LOGITS // V positions: B x T x V logits would take 83 GB at
     64 x 4.3K x 152K."""
     ids, mask = pad_right(seqs, slm.device)
@@ -109,7 +113,7 @@ def slm_positions(slm, tok, seqs, starts, k):
             lg = slm.get_output_embeddings()(h)[:, : len(tok)]  # (n, V)
             argmax = lg.argmax(-1)
             features = r2r.router_inputs(slm, h, lg, argmax, k)[:2]
-            parts.append([x.cpu() for x in (argmax,) + features])
+            parts.append([argmax.cpu()] + [x.to("cpu", dtype) for x in features])
         # (n,), (n, H), (n, k) for the whole response.
         argmax, h, topk = (torch.cat(x) for x in zip(*parts))
         out.append(Positions(argmax.tolist(), h, topk))
@@ -137,12 +141,10 @@ def prefix_cache(full, batch):
     for layer, kv in enumerate(full.layers):
         # (B, heads, L, head_dim), left-padded.
         k, v = (
-            torch.cat(
-                [F.pad(x[b.seq : b.seq + 1, :, : b.prefix], (0, 0, L - b.prefix, 0)) for b in batch]
-            )
+            [F.pad(x[b.seq : b.seq + 1, :, : b.prefix], (0, 0, L - b.prefix, 0)) for b in batch]
             for x in (kv.keys, kv.values)
         )
-        cache.update(k, v, layer)
+        cache.update(torch.cat(k), torch.cat(v), layer)
     mask = torch.tensor([[0] * (L - b.prefix) + [1] * b.prefix for b in batch])  # (B, L)
     return cache, mask
 
@@ -277,14 +279,12 @@ def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
     """The four steps for a chunk of prompts, within the engine's stop ids and positions ->
     (dataset columns, drop counts)."""
     stats = collections.Counter()
-    eos = engine.limits.eos
     steps.t = time.perf_counter()
     # 1. The LLM's greedy responses; only finished ones are labeled, as the authors do.
     prompts = [r["prompt"] for r in rows]
     chat = not args.no_chat_template
     replies = greedy_batch(llm, tok, prompts, args.max_new_tokens, chat, engine=engine)
     kept = [i for i, r in enumerate(replies) if r.finished or args.keep_unfinished]
-    ids = [rows[i]["id"] for i in kept]
     keep = [replies[i] for i in kept]
     stats["unfinished responses"] += len(rows) - len(keep)
     steps.done(0)
@@ -293,7 +293,7 @@ def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
     # 2. Teacher-forced SLM pass: features and argmax at every response position.
     seqs = [r.prompt_ids + r.response_ids for r in keep]
     starts = [len(r.prompt_ids) for r in keep]
-    slm_out = slm_positions(slm, tok, seqs, starts, args.top_k)
+    slm_out = slm_positions(slm, tok, seqs, starts, args.top_k, getattr(torch, args.feature_dtype))
     steps.done(1)
     # 3. The LLM continues from every mismatch: to the end, or two sentences on for a judge.
     branches = [
@@ -305,12 +305,11 @@ def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
 
     def stop(o):
         # The answer check needs the whole branch; the judge reads two sentences.
-        return o[-1] in eos or (judge is not None and sum(t in ends for t in o) >= 2)
+        return o[-1] in engine.limits.eos or (judge is not None and sum(t in ends for t in o) >= 2)
 
     span = args.max_new_tokens if judge is None else args.judge_span
-    positions = engine.limits.positions
     cont = continue_branches(
-        llm, tok, seqs, branches, stop, span, args.branch_tokens, positions=positions
+        llm, tok, seqs, branches, stop, span, args.branch_tokens, positions=engine.limits.positions
     )
     steps.done(2)
     # 4. Verify: neutral (0) or divergent (1); unverifiable mismatches are dropped and counted.
@@ -327,28 +326,44 @@ def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
             for (b, j), (branch, _) in zip(at, cont)
         ]
         verdicts = judge_all(judge, questions, args.judge_batch_size)
-    verdicts = dict(zip(at, verdicts))
-    stats["verifier drops"] += sum(v is None for v in verdicts.values())
+    stats["verifier drops"] += verdicts.count(None)
+    kinds = {bj: VERDICTS[v] for bj, v in zip(at, verdicts)}
     steps.done(3)
     out = collections.defaultdict(list)
-    for b, (r, pos) in enumerate(zip(keep, slm_out)):
-        for j, (s, t) in enumerate(zip(pos.argmax, r.response_ids)):
-            if s != t and verdicts[b, j] is None:
-                continue
-            kind = "identical" if s == t else ("neutral", "divergent")[verdicts[b, j]]
-            row = dict(
-                prompt_id=ids[b],
-                position=j,
-                slm_token=s,
-                llm_token=t,
-                kind=kind,
-                label=int(kind == "divergent"),
-                hidden=pos.hidden[j].tolist(),
-                topk=pos.topk[j].tolist(),
-            )
-            for key, value in row.items():
-                out[key].append(value)
+    for b, (i, r, pos) in enumerate(zip(kept, keep, slm_out)):
+        kind = [kinds.get((b, j), "identical") for j in range(len(pos.argmax))]
+        js = [j for j, k in enumerate(kind) if k]
+        out["prompt_id"] += [rows[i]["id"]] * len(js)
+        out["prompt_hash"] += [prompt_key(rows[i]["prompt"])] * len(js)
+        out["position"] += js
+        out["slm_token"] += [pos.argmax[j] for j in js]
+        out["llm_token"] += [r.response_ids[j] for j in js]
+        out["kind"] += [kind[j] for j in js]
+        out["label"] += [int(kind[j] == "divergent") for j in js]
+        # The features of the positions kept, a tensor per response: no object per position.
+        out["hidden"].append(pos.hidden[js])
+        out["topk"].append(pos.topk[js])
     return out, stats
+
+
+def write_shard(path, columns, stats):
+    """A chunk's shard, atomically: stats.json (drop counts) and data.arrow, an Arrow stream of its
+    columns, each response's feature tensors (n, H) and (n, k) as they are, a record batch of
+    fixed-size lists of their dtype: writing costs no copy of them. -> rows written."""
+    with r2r.atomic(path) as tmp:
+        os.makedirs(tmp)
+        if columns.get("kind"):
+            arrays = {k: pa.array(v) for k, v in columns.items() if k not in ("hidden", "topk")}
+            for k in ("hidden", "topk"):
+                fixed = pa.FixedSizeListArray.from_arrays
+                arrays[k] = pa.chunked_array(
+                    [fixed(x.numpy().ravel(), x.shape[1]) for x in columns[k]]
+                )
+            table = pa.table(arrays)
+            with pa.ipc.new_stream(os.path.join(tmp, "data.arrow"), table.schema) as f:
+                f.write_table(table)
+        pathlib.Path(tmp, "stats.json").write_text(json.dumps(stats))
+    return len(columns.get("kind", []))
 
 
 # ----------------------------------------------------------------------------- main
@@ -361,9 +376,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="shuffle the prompts with this seed before --limit")
     p.add_argument("--out", default="labels", help="output folder; rerun the same to resume")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest LLM response")
-    p.add_argument(
-        "--keep-unfinished", action="store_true", help="label responses cut at the limit"
-    )
+    p.add_argument("--keep-unfinished", action="store_true", help="label cut-off responses too")
     p.add_argument("--judge-span", type=int, default=64, help="most tokens a judge's branch gets")
     # Sizes for one 80 GB GPU beside the README recipe's 47 GB of weights: lower them if you run
     # out of memory.
@@ -375,6 +388,9 @@ def parse_args(argv=None):
         "--judge-batch-size", type=int, default=32, help="judge prompts at once (14B: 3.8 GB)"
     )
     p.add_argument("--top-k", type=int, default=100, help="top-k logits kept (the paper: 100)")
+    p.add_argument(
+        "--feature-dtype", default="float16", choices=["float16", "float32"], help="shards' dtype"
+    )
     args = p.parse_args(argv)
     positive = "limit max_new_tokens judge_span batch_size branch_tokens judge_batch_size top_k"
     r2r.check_args(args, **dict.fromkeys(positive.split(), 1))
@@ -391,16 +407,21 @@ def shard_name(index, rows):
     return f"{index:05d}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+def prompt_key(text):
+    """A prompt's identity for train_router.py's splits, the first 8 bytes of the SHA-256 of its
+    text after whitespace normalisation as an int64: "1 +  2" and " 1 + 2" share one."""
+    text = " ".join(text.split())
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
 def check_meta(meta, meta_file, out, rank):
     """Resume only with the arguments that change a row: refuse others in one line; the first
     run writes meta.json, atomically, every rank the same, before any shard."""
     old = r2r.read_json(meta_file, "fingerprint") if meta_file.exists() else meta
+    r2r.check_label_format(old, out)
     if old != meta:
-        changed = "; ".join(
-            f"{k} {old.get(k)!r} -> {meta.get(k)!r}"
-            for k in meta | old
-            if old.get(k) != meta.get(k)
-        )
+        keys = [k for k in meta | old if old.get(k) != meta.get(k)]
+        changed = "; ".join(f"{k} {old.get(k)!r} -> {meta.get(k)!r}" for k in keys)
         raise r2r.R2RError(
             f"{out} holds labels made with other arguments ({changed}): rerun with the same ones, "
             "use another --out or delete it"
@@ -447,11 +468,11 @@ def main(argv=None):
             f"{positions} positions: shorten or drop them"
         )
     args.top_k = min(args.top_k, len(tok))
-    # Resume only with the arguments that change a row (in meta.json, with the dtype and the
-    # SLM's fingerprint).
+    # meta.json: the arguments that change a row, the dtype, the SLM's fingerprint, the format.
     unchanging = ("out", "device", "device_map", "branch_tokens", "judge_batch_size", "dtype")
     meta = {k: v for k, v in vars(args).items() if k not in unchanging}
     meta = dict(meta, n=len(rows), dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))
+    meta["format"] = r2r.LABEL_FORMAT
     meta = json.loads(json.dumps(meta))
     shards = os.path.join(args.out, "shards")
     os.makedirs(shards, exist_ok=True)
@@ -462,9 +483,6 @@ def main(argv=None):
         judge = Judge(model, r2r.load_tokenizer(args.verifier))
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | engine.limits.eos
     steps = Steps(device)
-    # A log file gets one line per chunk, no bars.
-    datasets.disable_progress_bars()
-    features = r2r.label_features()
     for c in range(0, len(rows), args.batch_size):
         chunk = rows[c : c + args.batch_size]
         index = c // args.batch_size
@@ -472,24 +490,16 @@ def main(argv=None):
         # Another rank's chunk (every world size shares them alike), or labeled already.
         if index % ranks.num_processes != ranks.process_index or os.path.exists(path):
             continue
-        for stale in os.listdir(shards):
-            if not re.fullmatch(rf"{index:05d}(-\w+)?(\.tmp)?", stale):
-                continue
-            # A .tmp is a write that was killed.
+        # This chunk's shard of rows since edited, or a write that was killed (a .tmp).
+        for stale in glob.glob(os.path.join(glob.escape(shards), f"{index:05d}[-.]*")):
             if not stale.endswith(".tmp"):
-                r2r.status(
-                    f"note: rows of {stale} were edited since it was labeled: labeling them again"
-                )
-            shutil.rmtree(os.path.join(shards, stale))
+                r2r.status(f"note: rows of {stale} were edited: labeling them again")
+            shutil.rmtree(stale)
         out, stats = label_chunk(
             slm, llm, tok, chunk, args, judge=judge, engine=engine, ends=ends, steps=steps
         )
-        ds = datasets.Dataset.from_dict(out or {k: [] for k in features}, features=features)
-        with r2r.atomic(path) as tmp:
-            ds.save_to_disk(tmp)
-            with open(os.path.join(tmp, "stats.json"), "w") as f:
-                json.dump(stats, f)
-        r2r.status(f"labeled {c + len(chunk)}/{len(rows)} prompts: {path}, {len(ds)} positions")
+        n = write_shard(path, out, stats)
+        r2r.status(f"labeled {c + len(chunk)}/{len(rows)} prompts: {path}, {n} positions")
     ranks.wait_for_everyone()
     if ranks.is_main_process:
         summarize(args.out, tok, steps)
@@ -498,8 +508,8 @@ def main(argv=None):
 def summarize(folder, tok, steps):
     ds = r2r.load_labels(folder)[1]
     stats = collections.Counter()
-    for s in sorted(os.listdir(os.path.join(folder, "shards"))):
-        stats.update(r2r.read_json(os.path.join(folder, "shards", s, "stats.json")))
+    for f in sorted(pathlib.Path(folder, "shards").glob("*/stats.json")):
+        stats.update(r2r.read_json(f))
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(stats.items())) or "nothing"
     if len(ds) == 0:
         raise r2r.R2RError(
@@ -508,15 +518,14 @@ def summarize(folder, tok, steps):
         )
     kinds = collections.Counter(ds["kind"])
     n = len(ds)
+    repeats = len(set(ds["prompt_id"])) - len(set(ds["prompt_hash"]))
+    r2r.status(f"{repeats} duplicate prompts (the same text after whitespace normalisation)")
     print(f"{n} positions from {len(set(ds['prompt_id']))} responses in {folder}")
     for k in ("identical", "neutral", "divergent"):
         print(f"  {k:9s} {kinds[k]:7d}  {kinds[k] / n:6.2%}   (paper: {PAPER_SHARES[k]:.0%})")
     mism = kinds["neutral"] + kinds["divergent"]
-    print(
-        f"  mismatches {mism} ({mism / n:.2%} of positions): "
-        f"{kinds['neutral'] / max(mism, 1):.0%} neutral, "
-        f"{kinds['divergent'] / max(mism, 1):.0%} divergent"
-    )
+    shares = ", ".join(f"{kinds[k] / max(mism, 1):.0%} {k}" for k in ("neutral", "divergent"))
+    print(f"  mismatches {mism} ({mism / n:.2%} of positions): {shares}")
     pairs = collections.Counter(
         (tok.decode([s]), tok.decode([t]))
         for s, t, k in zip(ds["slm_token"], ds["llm_token"], ds["kind"])

@@ -692,47 +692,33 @@ def answer_of(s, prose=True):
 # ----------------------------------------------------------------------------- label files
 
 
-# One row per labeled response position, as label.py writes them and train_router.py reads them.
-FEATURES = dict(
-    prompt_id="int64",
-    position="int64",
-    slm_token="int64",
-    llm_token="int64",
-    kind="string",
-    label="int64",
-    hidden=["float32"],
-    topk=["float32"],
-)
+# meta.json's "format": 2 since label.py's write_shard (which states the columns) stores the
+# features as fixed-size lists in --feature-dtype, memory-mappable; older folders are refused.
+LABEL_FORMAT = 2
 
 
-def label_features():
-    """FEATURES as a datasets.Features (datasets is imported only by the scripts that need it)."""
-    import datasets
-
-    return datasets.Features(
-        {
-            k: datasets.Sequence(datasets.Value(v[0])) if isinstance(v, list) else datasets.Value(v)
-            for k, v in FEATURES.items()
-        }
-    )
+def check_label_format(meta, folder):
+    """Refuse a label folder in another format than this r2r's, before anything reads it."""
+    if meta.get("format") != LABEL_FORMAT:
+        raise R2RError(
+            f"{folder} holds labels in format {meta.get('format', 1)}, and r2r reads format "
+            f"{LABEL_FORMAT}: relabel with label.py (another --out, or delete {folder})"
+        )
 
 
 def load_labels(folder):
-    """A label.py folder: (its meta.json, every finished shard as one dataset)."""
+    """A label.py folder: (its meta.json, every finished shard as one memory-mapped dataset)."""
     import datasets
 
     meta_file = pathlib.Path(folder, "meta.json")
     if not meta_file.is_file():
         raise R2RError(f"no labels in {folder} (no meta.json): give a folder that label.py wrote")
-    shards = os.path.join(folder, "shards")
-    paths = sorted(os.path.join(shards, s) for s in os.listdir(shards) if not s.endswith(".tmp"))
-    # A chunk that kept no row (every response unfinished) is a shard without data files.
-    parts = [
-        datasets.load_from_disk(p)
-        for p in paths
-        if any(f.endswith(".arrow") for f in os.listdir(p))
-    ]
     meta = json.loads(meta_file.read_text())
+    check_label_format(meta, folder)
+    files = sorted(pathlib.Path(folder, "shards").glob("*/data.arrow"))
+    # Finished shards: a .tmp is a write under way or killed; a chunk that kept no row (every
+    # response unfinished) has no data.arrow.
+    parts = [datasets.Dataset.from_file(str(f)) for f in files if f.parent.suffix != ".tmp"]
     return meta, datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({})
 
 

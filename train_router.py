@@ -7,17 +7,23 @@ threshold, and compare it with routing by SLM confidence at the same LLM share.
 
 The router sees the SLM's last hidden state, its top-k logits and the embedding of the
 token it is about to emit (taken from the SLM's own embedding table, which is loaded,
-never stored). Three splits by prompt, never by token: train; validation for early
+never stored). Three splits by prompt text, never by token: train; validation for early
 stopping and the threshold; held-out prompts for the report, so its recall and LLM share
-were measured on prompts that chose nothing. It does not label (label.py) or decode
-(generate.py).
+were measured on prompts that chose nothing. The features stay on disk, read a batch at a
+time, so memory does not grow with the label set. The router folder keeps training.json, the
+report and each split's prompt ids. It does not label (label.py) or decode (generate.py).
 """
 
+import contextlib
+import json
 import os
+import pathlib
 import shutil
 import sys
 from typing import NamedTuple
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -59,14 +65,65 @@ def recall_share(scores, labels, threshold):
     return recall, routed.float().mean().item()
 
 
+class Labels:
+    """A label folder's positions for R2R Stage 2 at the paper's scale (2M positions of a
+    1,536-wide SLM hold 6.5 GB of float16 features): the scalar columns in memory, (N,) each; the
+    features read from the shards' data.arrow files a batch at a time, by pread into the batch's
+    own array. Never through a mapping: mapped pages count in the process's memory once read, and
+    on the CPU VM one random batch of 1,024 rows left 0.9 GB of a 1 GB shard mapped."""
+
+    def __init__(self, files):
+        scalars = {k: [] for k in ("prompt_id", "prompt_hash", "slm_token", "label")}
+        # (file, its first position, {feature: file offset of its values}) per record batch.
+        self.parts = []
+        n = 0
+        for path in files:
+            # Zero-copy over the file's mapping: only the Arrow metadata is read.
+            whole = pa.memory_map(path).read_buffer()
+            for batch in pa.ipc.open_stream(whole):
+                for k, v in scalars.items():
+                    v.append(batch.column(k).to_numpy().copy())
+                values = {k: batch.column(k).flatten() for k in ("hidden", "topk")}
+                offsets = {
+                    k: x.buffers()[1].address - whole.address + x.offset * x.type.byte_width
+                    for k, x in values.items()
+                }
+                self.parts.append((path, n, offsets))
+                n += batch.num_rows
+        for k, v in scalars.items():
+            setattr(self, k, torch.from_numpy(np.concatenate(v)))
+        self.firsts = np.array([first for _, first, _ in self.parts])
+        # Feature widths H and k, and their stored dtype.
+        self.widths = {k: batch.schema.field(k).type.list_size for k in ("hidden", "topk")}
+        self.dtype = batch.schema.field("hidden").type.value_type.to_pandas_dtype()
+
+    def read(self, i, names=("hidden", "topk")):
+        """The features `names` of positions i (n,) -> float32 tensors (n, H), (n, k), in i's
+        order; one pread per run of consecutive positions, each file opened once."""
+        order = np.argsort(np.asarray(i))
+        s = np.asarray(i)[order]
+        part = np.searchsorted(self.firsts, s, side="right") - 1
+        runs = np.flatnonzero((np.diff(s, prepend=-2) != 1) | (np.diff(part, prepend=-1) != 0))
+        rows = {k: np.empty((len(s), self.widths[k]), self.dtype) for k in names}
+        with contextlib.ExitStack() as files:
+            fds = {}
+            for a, b in zip(runs, np.append(runs[1:], len(s))):
+                path, first, offsets = self.parts[part[a]]
+                if path not in fds:
+                    fds[path] = files.enter_context(open(path, "rb", buffering=0)).fileno()
+                for k, x in rows.items():
+                    os.preadv(fds[path], [x[a:b]], offsets[k] + (s[a] - first) * x[0].nbytes)
+        back = np.argsort(order)
+        return [torch.from_numpy(rows[k][back]).float() for k in names]
+
+
 def load_features(folder, device):
-    """Tensors from a label folder, plus the SLM's embedding table and fingerprint."""
+    """A label folder's Labels, plus the SLM's embedding table and fingerprint."""
     meta, ds = r2r.load_labels(folder)
     if len(ds) == 0:
         raise r2r.R2RError(f"{folder} holds no labeled positions: label more prompts")
-    cols = ["hidden", "topk", "slm_token", "label", "prompt_id"]
-    data = ds.select_columns(cols).with_format("torch")[:]  # (N, H), (N, k), then (N,) each
-    if data["label"].sum() == 0:
+    data = Labels([f["filename"] for f in ds.cache_files])
+    if data.label.sum() == 0:
         raise r2r.R2RError(
             f"{folder} has no divergent labels, so there is nothing to route: label more prompts "
             "or check the verifier"
@@ -89,7 +146,8 @@ class Split(NamedTuple):
 
 def split_by_prompt(prompt_ids, val_fraction, test_fraction, seed):
     """Three splits by prompt: a prompt's positions all go to one side (neighbouring tokens
-    would leak across a token-level split)."""
+    would leak across a token-level split). main passes label.py's prompt_hash, so that prompts
+    of the same text share a side too."""
     ids = prompt_ids.unique()
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
     n_val, n_test = max(1, round(val_fraction * len(ids))), max(1, round(test_fraction * len(ids)))
@@ -106,12 +164,11 @@ def split_by_prompt(prompt_ids, val_fraction, test_fraction, seed):
 
 
 def router_logits(router, emb_table, data, i):
-    """The router on positions i. The label set stays in host memory; each batch moves to
-    the router's device, where the SLM's embedding table must be too (--device cuda)."""
+    """The router on positions i, read from the shards now. Each batch moves to the router's
+    device, where the SLM's embedding table must be too (--device cuda)."""
     dev = next(router.parameters()).device
-    return router(
-        data["hidden"][i].to(dev), data["topk"][i].to(dev), emb_table(data["slm_token"][i].to(dev))
-    )
+    hidden, topk = data.read(i)
+    return router(hidden.to(dev), topk.to(dev), emb_table(data.slm_token[i].to(dev)))
 
 
 def batch_loss(router, emb_table, data, y, i, pos_weight):
@@ -173,7 +230,10 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
     routing the same share of them there: a dict (tests read it, main prints it)."""
     s, yv = scores_of(router, emb_table, data, idx), y[idx]
     rec, share = recall_share(s, yv, threshold)
-    base = r2r.confidence_scores(data["topk"][idx], torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    # A batch of top-k logits at a time.
+    parts = [r2r.confidence_scores(data.read(i, ["topk"])[0], g) for i in idx.split(8192)]
+    base = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     baselines = {
         name: dict(auc=auc(b, yv), recall=recall_share(b, yv, threshold_for_share(b, share))[0])
         for name, b in base.items()
@@ -188,10 +248,11 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
     )
 
 
-def save_router(router, folder):
-    """router.save_pretrained(folder) as a whole: written to a sibling folder, then swapped in (the
-    old one renamed aside, removed last), so a reader never sees new weights beside an old config.
-    Its files get the modes of any file the umask allows (safetensors writes 0600)."""
+def save_router(router, folder, report=None):
+    """router.save_pretrained(folder) and its training report (training.json) as a whole: written
+    to a sibling folder, then swapped in (the old one renamed aside, removed last), so a reader
+    never sees new weights beside an old config. Its files get the modes of any file the umask
+    allows (safetensors writes 0600)."""
     folder = os.path.normpath(folder)
     tmp = folder + ".tmp"
     old = folder + ".old"
@@ -209,6 +270,8 @@ def save_router(router, folder):
     tidy()
     try:
         router.save_pretrained(tmp)
+        if report is not None:
+            pathlib.Path(tmp, "training.json").write_text(json.dumps(report, indent=2))
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.exists(folder):
@@ -309,8 +372,10 @@ def main(argv=None):
     data, slm, tok, meta = load_features(args.labels, args.device)
     # The SLM's own embedding table, frozen.
     emb_table = slm.get_input_embeddings().float().requires_grad_(False)
-    split = split_by_prompt(data["prompt_id"], args.val_fraction, args.test_fraction, args.seed)
-    y = data["label"].float()
+    repeats = len(data.prompt_id.unique()) - len(data.prompt_hash.unique())
+    r2r.status(f"{repeats} duplicate prompts (the same text after whitespace normalisation)")
+    split = split_by_prompt(data.prompt_hash, args.val_fraction, args.test_fraction, args.seed)
+    y = data.label.float()
     n_pos = y[split.train].sum().item()
     if min(n_pos, y[split.val].sum(), y[split.test].sum()) == 0:
         raise r2r.R2RError(
@@ -319,7 +384,7 @@ def main(argv=None):
         )
     # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
     pos_weight = torch.tensor((len(split.train) - n_pos) / n_pos)
-    H, k = data["hidden"].shape[1], data["topk"].shape[1]
+    H, k = data.widths["hidden"], data.widths["topk"]
     router = r2r.Router(H, k, args.width, args.blocks, args.dropout, slm=meta["fingerprint"])
     # Beside emb_table, which load_features placed.
     router = router.to(args.device)
@@ -339,12 +404,16 @@ def main(argv=None):
         else threshold_for_recall(s, yv, args.recall)
     )
     router.config["threshold"] = t
-    save_router(router, args.out)
     metrics = dict(
         threshold=t,
         validation=measure(router, emb_table, data, y, split.val, t, args.seed),
         test=measure(router, emb_table, data, y, split.test, t, args.seed),
     )
+    # Anyone can audit a shared router: its figures, its threshold rule, each split's prompts.
+    rule = dict(llm_share=args.llm_share) if args.llm_share else dict(recall=args.recall)
+    names = ("train", "validation", "test")
+    ids = {n: sorted(set(data.prompt_id[i].tolist())) for n, i in zip(names, split)}
+    save_router(router, args.out, dict(metrics, rule=rule, prompt_ids=ids))
     v, h = metrics["validation"], metrics["test"]
     print(
         f"saved {args.out}: threshold {t:.4f}, chosen on validation: recall {v['recall']:.3f} at "

@@ -9,6 +9,8 @@ peak memory printed. For a GPU machine; no download.
     python demo/rehearse.py --work /tmp/rehearsal --steps generate,evaluate
     # CPU, seconds
     python demo/rehearse.py --vocab-size 2000 --hidden-size 32 --layers 1 --max-new-tokens 12
+    # the data path alone, any machine: 2M labeled positions at R1-1.5B's width, one epoch
+    python demo/rehearse.py --data-path 2000000 --router-width 128 --router-blocks 2
 
 It builds in --work: a word-level tokenizer of 151,643 ids (Qwen3's count, made offline,
 decoding to "w123 w456 ..."), a chat template that opens <think> unless enable_thinking is
@@ -26,6 +28,9 @@ Random models differ from trained ones in three ways, and the rehearsal says how
   which one wins changes with the prompt: every reply is a verdict, and train_router.py
   gets both classes. Its chat template still thinks first
   unless label.py switches thinking off.
+--data-path N rehearses R2R Stage 2's data at the paper's scale instead: N synthetic labeled
+positions written through label.py's writer (write_shard) and one epoch of train_router.py on
+them, each shard's and the epoch's time and peak memory printed.
 """
 
 import argparse
@@ -33,6 +38,7 @@ import gc
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -194,18 +200,101 @@ def build(args):
         del model
 
 
-def timed_step(name, main, argv, device):
-    """Run one script's main() in this process; print its time and peak memory."""
+def reset_peak(device):
+    """Peak memory counts from now: CUDA's counters, or on Linux the process's peak RSS (VmHWM),
+    which writing 5 to /proc/self/clear_refs resets (elsewhere the peak since the start)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_gib(device):
+    """Peak memory since reset_peak(device), in GiB."""
+    if device.type == "cpu" and os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s*(\d+)", f.read()).group(1)) / 2**20
+    return r2r.peak_memory_gib(device)
+
+
+def timed_step(name, main, argv, device):
+    """Run one script's main() in this process; print its time and peak memory."""
+    reset_peak(device)
     t = time.perf_counter()
     main(argv)
-    seconds, gib = time.perf_counter() - t, r2r.peak_memory_gib(device)
+    seconds, gib = time.perf_counter() - t, peak_gib(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, process peak RSS"
     print(f"== {name}: {seconds:.1f}s, peak memory {gib:.2f} GiB ({where})", flush=True)
     return seconds, gib
+
+
+def data_path(args):
+    """args.data_path synthetic labeled positions, 2,048 a prompt (--max-new-tokens) and 64
+    prompts a shard (label.py's --batch-size), written by label.write_shard in float16 at
+    --hidden-size, then train_router.main for one epoch: the disk, time and memory of R2R Stage
+    2's data at the paper's scale. Positives (5%) have hidden[0] shifted by +4, so the held-out
+    recall shows that every batch read its own rows. The SLM is one layer at that width with the
+    tokenizer's vocabulary (--vocab-size), its embedding table as large as a real one's."""
+    work, device = args.work, torch.device(args.device)
+    args.layers = 1
+    tok = synthetic_tokenizer(args.vocab_size)
+    slm = random_model(args.slm, tok, args, seed=0)
+    slm.save_pretrained(f"{work}/slm")
+    tok.save_pretrained(f"{work}/slm")
+    os.makedirs(f"{work}/labels/shards")
+    meta = dict(slm=f"{work}/slm", fingerprint=r2r.fingerprint(slm, tok), feature_dtype="float16")
+    with open(f"{work}/labels/meta.json", "w") as f:
+        json.dump(dict(meta, format=r2r.LABEL_FORMAT), f)
+    del slm
+    per_prompt, per_shard = args.max_new_tokens, 64 * args.max_new_tokens
+    g = torch.Generator().manual_seed(0)
+    for s, a in enumerate(range(0, args.data_path, per_shard)):
+        reset_peak(device)
+        t = time.perf_counter()
+        n = min(per_shard, args.data_path - a)
+        y = (torch.rand(n, generator=g) < 0.05).long()
+        hidden = torch.randn(n, args.hidden_size, generator=g, dtype=torch.float16)  # (n, H)
+        hidden[:, 0] += 4 * y
+        topk = torch.randn(n, 100, generator=g).sort(descending=True).values.half()  # (n, k)
+        ids = ((a + torch.arange(n)) // per_prompt).tolist()
+        tokens = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        columns = dict(
+            prompt_id=ids,
+            prompt_hash=[label.prompt_key(f"prompt {i}") for i in ids],
+            position=((a + torch.arange(n)) % per_prompt).tolist(),
+            slm_token=tokens,
+            llm_token=tokens,
+            kind=["divergent" if v else "identical" for v in y.tolist()],
+            label=y.tolist(),
+            hidden=[hidden],
+            topk=[topk],
+        )
+        made = time.perf_counter()
+        label.write_shard(f"{work}/labels/shards/{s:05d}", columns, {})
+        gb = os.path.getsize(f"{work}/labels/shards/{s:05d}/data.arrow") / 1e9
+        print(
+            f"== shard {s}: {n} positions, {gb:.2f} GB; made {made - t:.1f}s, written "
+            f"{time.perf_counter() - made:.1f}s; peak memory {peak_gib(device):.2f} GiB",
+            flush=True,
+        )
+    train = [
+        "--labels",
+        f"{work}/labels",
+        "--out",
+        f"{work}/router",
+        "--device",
+        args.device,
+        "--width",
+        str(args.router_width),
+        "--blocks",
+        str(args.router_blocks),
+        "--epochs",
+        "1",
+    ]
+    return {"train": timed_step("train", train_router.main, train, device)}
 
 
 def main(argv=None):
@@ -262,6 +351,13 @@ def main(argv=None):
     p.add_argument("--judge-batch-size", type=int, default=32, help="label.py --judge-batch-size")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--data-path",
+        type=int,
+        metavar="N",
+        help="instead of the steps: N synthetic labeled positions at --hidden-size (default "
+        "1536) through label.py's writer, then one epoch of train_router.py",
+    )
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -272,6 +368,9 @@ def main(argv=None):
         )
     args.work = args.work or tempfile.mkdtemp(prefix="r2r-rehearsal-")
     os.makedirs(args.work, exist_ok=True)
+    if args.data_path:
+        args.hidden_size = args.hidden_size or 1536
+        return data_path(args)
     device, w = torch.device(args.device), args.work
     build(args)
     pair = [

@@ -320,7 +320,7 @@ DAMAGED = [
         "label folder without shards",
         train_router,
         lambda t: shutil.rmtree(t / "labels" / "shards"),
-        "{tmp}/labels/shards: No such file or directory",
+        "{tmp}/labels holds no labeled positions: label more prompts",
     ),
     (
         "a shard's stats.json not JSON",
@@ -428,14 +428,13 @@ def test_an_output_under_a_file_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("fault", ["disk full", "Ctrl-C"])
 def test_a_shard_write_that_fails_leaves_no_tmp(fault, labels, tmp_path, monkeypatch, capsys):
-    def save_to_disk(self, path, **kw):
-        os.makedirs(path)
-        open(os.path.join(path, "data-00000-of-00001.arrow"), "w").write("half")
+    def new_stream(path, schema):
+        open(path, "w").write("half")
         if fault == "Ctrl-C":
             raise KeyboardInterrupt
-        raise OSError(errno.ENOSPC, "No space left on device", path)
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.dirname(path))
 
-    monkeypatch.setattr(label.datasets.Dataset, "save_to_disk", save_to_disk)
+    monkeypatch.setattr(label.pa.ipc, "new_stream", new_stream)
     out = tmp_path / "labels"
     rc, err = cli(label.main, labels[1] + ["--out", str(out)], capsys)
     assert os.listdir(out / "shards") == []

@@ -192,11 +192,8 @@ print("PEAK_KIB", re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read(
 """
 
 
-def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
-    """16 prompts x 256 new tokens x 150,000 ids: the old step 2 held (16, ~272, 150K) fp32
-    logits, 2.6 GB on their own (on these sizes its process peaked at 3.0 GiB); slices of
-    2^24 logits keep the whole run under 1 GiB."""
-    code = CHILD.format(root=ROOT, work=str(tmp_path), vocab=150_000, new=256)
+def run_child(code):
+    """A fresh Python runs `code` -> its stdout; the test fails with its stderr."""
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -205,11 +202,145 @@ def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
         env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"),
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    peak_gib = int(out.stdout.split("PEAK_KIB")[1]) / 2**20
-    positions = int(re.search(r"(\d+) positions from 16 responses", out.stdout).group(1))
+    return out.stdout
+
+
+def test_150k_vocabulary_labels_at_bounded_memory(tmp_path):
+    """16 prompts x 256 new tokens x 150,000 ids: the old step 2 held (16, ~272, 150K) fp32
+    logits, 2.6 GB on their own (on these sizes its process peaked at 3.0 GiB); slices of
+    2^24 logits keep the whole run under 1 GiB."""
+    out = run_child(CHILD.format(root=ROOT, work=str(tmp_path), vocab=150_000, new=256))
+    peak_gib = int(out.split("PEAK_KIB")[1]) / 2**20
+    positions = int(re.search(r"(\d+) positions from 16 responses", out).group(1))
     # nearly every position of every response was labeled
     assert positions > 16 * 200
     assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
+
+
+# ------------------------------------------------------------ label files at the paper's sizes
+
+# One thread: on a shared machine two threads wait on each other (24 ms a matmul under load), and
+# the memory measured does not depend on it. KiB() reads this process's own counters: VmHWM is
+# its peak RSS, and writing 5 to clear_refs resets it to the RSS of now.
+MEASURE = """
+import json, os, re, sys, time, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from transformers import LlamaConfig, LlamaForCausalLM
+import label, r2r, train_router
+from demo.rehearse import synthetic_tokenizer
+work = {work!r}
+
+def kib(key):
+    return int(re.search(key + r":\\s*(\\d+)", open("/proc/self/status").read()).group(1))
+
+def reset():
+    open("/proc/self/clear_refs", "w").write("5")
+    return kib("VmRSS"), time.perf_counter()
+
+# One layer of the paper's SLM width (R1-1.5B: 1,536), a vocabulary of 512.
+tok = synthetic_tokenizer(512)
+torch.manual_seed(0)
+config = LlamaConfig(
+    vocab_size=512, hidden_size=1536, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+    initializer_range=0.2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+)
+model = LlamaForCausalLM(config)
+# EOS never wins: every response is as long as the test asks.
+with torch.no_grad():
+    model.lm_head.weight[tok.eos_token_id] = 0
+model.save_pretrained(work + "/m")
+tok.save_pretrained(work + "/m")
+"""
+
+WRITE = """
+with open(work + "/p.jsonl", "w") as f:
+    for i in range(16):
+        prompt = " ".join(f"w{{100 + 37 * i + j}}" for j in range(8 + i))
+        f.write(json.dumps(dict(prompt=prompt, answer="0")) + "\\n")
+# From the verdicts (step 4 done) to the shard on disk: the columns, then write_shard.
+done, write, at = label.Steps.done, label.write_shard, {{}}
+
+def step_done(self, i):
+    done(self, i)
+    if i == 3:
+        at["rss"], at["t"] = reset()
+
+def write_shard(path, columns, stats):
+    n = write(path, columns, stats)
+    print("WRITE", n, kib("VmHWM") - at["rss"], time.perf_counter() - at["t"])
+    return n
+
+label.Steps.done, label.write_shard = step_done, write_shard
+label.main([
+    "--slm", work + "/m", "--llm", work + "/m", "--prompts", work + "/p.jsonl",
+    "--batch-size", "16", "--max-new-tokens", "2048", "--keep-unfinished", "--out", work + "/l",
+])
+"""
+
+
+def test_a_shard_is_written_at_about_its_own_bytes(tmp_path):
+    """label.py at a real SLM width, 16 prompts x 2,048 tokens: from the verdicts to the shard
+    on disk the process grows by at most twice the shard's bytes, in seconds. The old rows of
+    Python floats (32 bytes each, against 2 in float16) took 1.7 GB here before Arrow's copy."""
+    out = run_child((MEASURE + WRITE).format(root=ROOT, work=str(tmp_path)))
+    n, grew_kib, seconds = out.split("WRITE")[1].split()[:3]
+    (shard,) = (tmp_path / "l" / "shards").glob("*/data.arrow")
+    # (1,536 + 100) float16 features a position, plus the scalar columns
+    assert int(n) == 16 * 2048 and shard.stat().st_size > int(n) * 1636 * 2
+    assert int(grew_kib) * 1024 < 2 * shard.stat().st_size, (grew_kib, shard.stat().st_size)
+    assert float(seconds) < 10
+
+
+STREAM = """
+# 460,000 positions of float16 features through label.py's writer: 1.5 GB in 10 shards of
+# 46,000, 40 positions a prompt; positives (5%) have hidden[0] shifted by +4.
+g = torch.Generator().manual_seed(0)
+n = 46_000
+noise = torch.randn(n, 1536, generator=g).half()
+for s in range(10):
+    y = (torch.rand(n, generator=g) < 0.05).long()
+    hidden = noise.roll(s, 0)
+    hidden[:, 0] += 4 * y
+    ids = ((s * n + torch.arange(n)) // 40).tolist()
+    columns = dict(
+        prompt_id=ids,
+        prompt_hash=ids,
+        position=(torch.arange(n) % 40).tolist(),
+        slm_token=torch.randint(0, 512, (n,), generator=g).tolist(),
+        llm_token=[0] * n,
+        kind=["divergent" if v else "identical" for v in y.tolist()],
+        label=y.tolist(),
+        hidden=[hidden],
+        topk=[torch.randn(n, 100, generator=g).half()],
+    )
+    label.write_shard(f"{{work}}/labels/shards/{{s:05d}}", columns, {{}})
+meta = dict(slm=work + "/m", fingerprint=r2r.fingerprint(model, tok), format=r2r.LABEL_FORMAT)
+json.dump(meta, open(work + "/labels/meta.json", "w"))
+del noise, hidden, columns
+rss, t = reset()
+metrics = train_router.main([
+    "--labels", work + "/labels", "--out", work + "/router", "--epochs", "1", "--width", "16",
+    "--blocks", "1",
+])
+print("TRAIN", kib("VmHWM") - rss, metrics["test"]["positions"], metrics["test"]["recall"])
+"""
+
+
+def test_router_training_streams_its_features(tmp_path):
+    """train_router.py, one epoch on 1.5 GB of float16 features in a subprocess: training,
+    early stopping and held-out scoring read a batch at a time, so the process grows by less than
+    half the features' bytes (measured: about 0.5 GB, mostly a scoring batch of 8,192 positions
+    at 3 x 1,536 floats, the same at any size); loading them whole took 1.5 GB or more."""
+    os.makedirs(tmp_path / "labels" / "shards")
+    out = run_child((MEASURE + STREAM).format(root=ROOT, work=str(tmp_path)))
+    grew_kib, held_out, recall = out.split("TRAIN")[1].split()[:3]
+    features = sum(f.stat().st_size for f in (tmp_path / "labels").glob("shards/*/data.arrow"))
+    assert features > 1.5e9 and int(held_out) == 69_000
+    assert int(grew_kib) * 1024 < features / 2, (grew_kib, features)
+    # It learned the planted positives: every batch read its own rows.
+    assert float(recall) > 0.9
 
 
 # ------------------------------------------------------------ a judge that answers
@@ -514,3 +645,35 @@ def test_rehearsal_runs_end_to_end_at_tiny_size(tmp_path, capsys):
     assert "| SLM only |" in out and "| R2R (saved) |" in out and out.count("peak memory") >= 4
     config = json.load(open(tmp_path / "llm" / "generation_config.json"))
     assert config["repetition_penalty"] == 1.1 and config["no_repeat_ngram_size"] == 3
+
+
+def test_rehearsal_of_the_data_path_at_tiny_size(tmp_path, capsys):
+    """--data-path: 5,000 synthetic positions in shards of 64 prompts x 20, one epoch."""
+    results = rehearse.main(
+        [
+            "--work",
+            str(tmp_path),
+            "--data-path",
+            "5000",
+            "--hidden-size",
+            "32",
+            "--vocab-size",
+            "3000",
+            "--max-new-tokens",
+            "20",
+            "--router-width",
+            "16",
+            "--router-blocks",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert list(results) == ["train"]
+    out = capsys.readouterr().out
+    # 1,280 positions a shard: 3 whole, then 1,160
+    assert out.count("== shard") == 4 and "== shard 3: 1160 positions" in out
+    meta, ds = r2r.load_labels(str(tmp_path / "labels"))
+    assert len(ds) == 5000 and len(set(ds["prompt_id"])) == 250
+    report = json.load(open(tmp_path / "router" / "training.json"))
+    assert report["test"]["positions"] + report["validation"]["positions"] < 5000

@@ -3,11 +3,12 @@
 import json
 import os
 
-import datasets
 import pytest
 import torch
 from conftest import tiny_model
+from test_label import LLM_NEXT, SLM_NEXT, bigram_model
 
+import label
 import r2r
 import train_router
 
@@ -15,9 +16,9 @@ H = 32
 
 
 def write_labels(folder, tok, n_prompts=200, positions=20, separable=True, seed=0):
-    """A label folder as label.py writes it, for a tiny SLM saved beside it. Positives (5%)
-    have hidden[0] shifted by +4: separable, but only for a model that reads the hidden state
-    (their top-k logits look like everyone else's)."""
+    """A label folder as label.py writes it (its writer, float16 features), for a tiny SLM saved
+    beside it. Positives (5%) have hidden[0] shifted by +4: separable, but only for a model that
+    reads the hidden state (their top-k logits look like everyone else's)."""
     slm = tiny_model("llama", tok, 1, H)
     slm.save_pretrained(os.path.join(folder, "slm"))
     tok.save_pretrained(os.path.join(folder, "slm"))
@@ -30,21 +31,23 @@ def write_labels(folder, tok, n_prompts=200, positions=20, separable=True, seed=
     )
     hidden = torch.randn(n, H, generator=g)
     hidden[:, 0] += 4 * y
+    prompt_id = torch.arange(n_prompts).repeat_interleave(positions).tolist()
     rows = dict(
-        prompt_id=torch.arange(n_prompts).repeat_interleave(positions).tolist(),
+        prompt_id=prompt_id,
+        prompt_hash=[label.prompt_key(f"prompt {i}") for i in prompt_id],
         position=torch.arange(positions).repeat(n_prompts).tolist(),
         slm_token=torch.randint(0, len(tok), (n,), generator=g).tolist(),
         llm_token=[0] * n,
         kind=["divergent" if v else "identical" for v in y.tolist()],
         label=y.tolist(),
-        hidden=hidden.tolist(),
-        topk=torch.randn(n, 8, generator=g).sort(descending=True).values.tolist(),
+        hidden=[hidden.half()],
+        topk=[torch.randn(n, 8, generator=g).sort(descending=True).values.half()],
     )
-    datasets.Dataset.from_dict(rows, features=r2r.label_features()).save_to_disk(
-        os.path.join(folder, "shards", "00000")
-    )
+    os.makedirs(os.path.join(folder, "shards"))
+    label.write_shard(os.path.join(folder, "shards", "00000"), rows, {})
+    meta = dict(slm=os.path.join(folder, "slm"), fingerprint=r2r.fingerprint(slm, tok))
     with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump(dict(slm=os.path.join(folder, "slm"), fingerprint=r2r.fingerprint(slm, tok)), f)
+        json.dump(dict(meta, format=r2r.LABEL_FORMAT, feature_dtype="float16"), f)
     return slm
 
 
@@ -81,6 +84,11 @@ def test_separable_positives_reach_recall_at_small_share(tmp_path, tok):
     x = (torch.randn(16, H), torch.randn(16, 8), torch.randn(16, H))
     again = r2r.load_router(out, slm, tok)
     assert torch.equal(router(*x), again(*x))
+    # Its report beside it: main's figures, the rule, and each split's prompts, all 200 once.
+    report = json.load(open(os.path.join(out, "training.json")))
+    assert report["test"] == json.loads(json.dumps(held_out)) and report["rule"] == {"recall": 0.95}
+    splits = [set(report["prompt_ids"][name]) for name in ("train", "validation", "test")]
+    assert sum(map(len, splits)) == len(set.union(*splits)) == 200
 
 
 def test_save_load_gives_identical_scores(tmp_path, tok):
@@ -134,3 +142,43 @@ def test_no_positive_labels_is_a_clear_error(tmp_path, tok):
         train_router.main(["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "router")])
     with pytest.raises(r2r.R2RError, match="no labels"):
         train_router.main(["--labels", str(tmp_path / "nowhere")])
+
+
+def test_prompts_of_the_same_text_share_a_split(tmp_path, tok, capsys):
+    """Every prompt three times, its whitespace changed: label.py and train_router.py say how
+    many repeat, and training.json puts each text's three ids in one split."""
+    for name, table in (("slm", SLM_NEXT), ("llm", LLM_NEXT)):
+        bigram_model(tok, table).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    texts = [f"{i} + {i + 1}" for i in range(10)]
+    prompts = texts + [f"  {t} " for t in texts] + [t.replace(" ", "   ") for t in texts]
+    with open(tmp_path / "p.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(prompt=p, answer="4")) + "\n" for p in prompts)
+    pair = ["--slm", str(tmp_path / "slm"), "--llm", str(tmp_path / "llm")]
+    out = ["--out", str(tmp_path / "labels")]
+    label.main(pair + ["--prompts", str(tmp_path / "p.jsonl")] + out)
+    assert "20 duplicate prompts" in capsys.readouterr().err
+    args = ["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "router")]
+    train_router.main(args + ["--epochs", "1", "--val-fraction", "0.2", "--test-fraction", "0.2"])
+    assert "20 duplicate prompts" in capsys.readouterr().err
+    report = json.load(open(tmp_path / "router" / "training.json"))
+    # The oracle: the file's own texts, whitespace normalised.
+    split_texts = [
+        {" ".join(prompts[i].split()) for i in report["prompt_ids"][name]}
+        for name in ("train", "validation", "test")
+    ]
+    assert [len(s) for s in split_texts] == [6, 2, 2]
+    assert sum(map(len, report["prompt_ids"].values())) == 30
+    assert len(set.union(*split_texts)) == 10
+
+
+def test_labels_in_the_old_format_are_refused(tmp_path, tok):
+    """A folder from before the format version (no "format" in meta.json): one line, relabel."""
+    write_labels(str(tmp_path / "labels"), tok, n_prompts=10)
+    meta = json.load(open(tmp_path / "labels" / "meta.json"))
+    del meta["format"]
+    json.dump(meta, open(tmp_path / "labels" / "meta.json", "w"))
+    with pytest.raises(r2r.R2RError, match="format 1, and r2r reads format 2: relabel"):
+        train_router.main(["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "r")])
+    with pytest.raises(r2r.R2RError, match="relabel with label.py"):
+        label.main(["--limit", "3", "--out", str(tmp_path / "labels")])
