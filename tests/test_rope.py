@@ -195,7 +195,7 @@ def test_without_the_cap_label_features_are_not_decodings(phi, tok, monkeypatch)
     seqs = [r.prompt_ids + r.response_ids for r in replies]
     assert min(map(len, seqs)) > SWITCH
     starts = [len(r.prompt_ids) for r in replies]
-    for r, pos in zip(replies, label.slm_positions(llm, tok, seqs, starts, 5)):
+    for r, pos in zip(replies, label.slm_positions(llm, tok, seqs, starts, 5, torch.float32)):
         assert (pos.hidden - decode_hidden(llm, r.prompt_ids, r.response_ids)).abs().max() > 0.1
 
 
@@ -286,6 +286,9 @@ def label_args(phi, out):
         "--max-new-tokens",
         "40",
         "--keep-unfinished",
+        # The features as computed, to compare with a decode's to 1e-4.
+        "--feature-dtype",
+        "float32",
     ]
 
 
