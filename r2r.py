@@ -743,6 +743,7 @@ def run_main(main):
         # generate.py may have been streaming the LLM's tokens in colour.
         if sys.stdout.isatty():
             sys.stdout.write("\033[0m")
+        status("interrupted: finished work is kept (label.py resumes it when rerun)")
         raise SystemExit(130)
     except BrokenPipeError:
         # Python's last flush of stdout would fail again.

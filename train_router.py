@@ -377,10 +377,12 @@ def main(argv=None):
     split = split_by_prompt(data.prompt_hash, args.val_fraction, args.test_fraction, args.seed)
     y = data.label.float()
     n_pos = y[split.train].sum().item()
-    if min(n_pos, y[split.val].sum(), y[split.test].sum()) == 0:
+    counts = [int(y[idx].sum()) for idx in (split.train, split.val, split.test)]
+    if min(counts) == 0:
         raise r2r.R2RError(
-            "the training, validation or held-out prompts hold no divergent label: label more "
-            "prompts"
+            "the training, validation or held-out prompts hold no divergent label (divergent: "
+            f"{' / '.join(map(str, counts))}): label more prompts, or raise --val-fraction and "
+            "--test-fraction"
         )
     # Class weighting (R2R Stage 2): divergent tokens are a few percent of all.
     pos_weight = torch.tensor((len(split.train) - n_pos) / n_pos)
