@@ -713,7 +713,7 @@ def load_labels(folder):
     meta_file = pathlib.Path(folder, "meta.json")
     if not meta_file.is_file():
         raise R2RError(f"no labels in {folder} (no meta.json): give a folder that label.py wrote")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, "slm", "fingerprint")
     check_label_format(meta, folder)
     files = sorted(pathlib.Path(folder, "shards").glob("*/data.arrow"))
     # Finished shards: a .tmp is a write under way or killed; a chunk that kept no row (every

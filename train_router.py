@@ -365,10 +365,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    # Before any work: where the router goes (beside --out), and an old or damaged meta.json.
+    # Before any work: where the router goes (beside --out); load_features reads meta.json first.
     r2r.check_writable(os.path.dirname(os.path.abspath(args.out)), "out")
-    if os.path.exists(os.path.join(args.labels, "meta.json")):
-        r2r.read_json(os.path.join(args.labels, "meta.json"), "slm", "fingerprint")
     data, slm, tok, meta = load_features(args.labels, args.device)
     # The SLM's own embedding table, frozen.
     emb_table = slm.get_input_embeddings().float().requires_grad_(False)
@@ -376,8 +374,8 @@ def main(argv=None):
     r2r.status(f"{repeats} duplicate prompts (the same text after whitespace normalisation)")
     split = split_by_prompt(data.prompt_hash, args.val_fraction, args.test_fraction, args.seed)
     y = data.label.float()
-    n_pos = y[split.train].sum().item()
     counts = [int(y[idx].sum()) for idx in (split.train, split.val, split.test)]
+    n_pos = counts[0]
     if min(counts) == 0:
         raise r2r.R2RError(
             "the training, validation or held-out prompts hold no divergent label (divergent: "
