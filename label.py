@@ -16,6 +16,7 @@ world size, labels only missing or edited chunks.
 
 import collections
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -206,12 +207,17 @@ class Judge(NamedTuple):
 JUDGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
 
 
+@functools.lru_cache
+def read_judge_file(path):
+    """The judge's question template, read once per file, not once per question."""
+    return pathlib.Path(path).read_text(encoding="utf-8").rstrip("\n")
+
+
 def judge_prompt(context, a, b):
     """The judge's question from JUDGE_FILE; `a` and `b` carry the << >> marks; the last 1000
     characters of context. A file it cannot read, or with other fields, is one line."""
     try:
-        text = pathlib.Path(JUDGE_FILE).read_text(encoding="utf-8").rstrip("\n")
-        return text.format(context=context[-1000:], a=a, b=b)
+        return read_judge_file(JUDGE_FILE).format(context=context[-1000:], a=a, b=b)
     # Another field is a KeyError or an IndexError; a lone brace or bad UTF-8 a ValueError.
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise r2r.R2RError(
