@@ -118,7 +118,8 @@ class Labels:
 
 
 def load_features(folder, device):
-    """A label folder's Labels, plus the SLM's embedding table and fingerprint."""
+    """A label folder's Labels, the SLM's input embedding table (float32, frozen), its tokenizer
+    and meta.json."""
     meta, ds = r2r.load_labels(folder)
     if len(ds) == 0:
         raise r2r.R2RError(f"{folder} holds no labeled positions: label more prompts")
@@ -128,12 +129,15 @@ def load_features(folder, device):
             f"{folder} has no divergent labels, so there is nothing to route: label more prompts "
             "or check the verifier"
         )
-    slm = r2r.load_model(meta["slm"], device)
+    # In its checkpoint's dtype (half of float32's bytes for a bf16 SLM: 3.6 GB, not 7.1, for
+    # R1-1.5B), and only until its embedding table is taken: upcast bf16 values are exact.
+    slm = r2r.load_model(meta["slm"], device, dtype="auto")
     tok = r2r.load_tokenizer(meta["slm"])
     have = r2r.fingerprint(slm, tok)
     if any(have[k] != meta["fingerprint"][k] for k in ("hidden_size", "vocab", "embedding_sha")):
         raise r2r.R2RError(f"{meta['slm']} is not the SLM that made the labels in {folder}")
-    return data, slm, tok, meta
+    emb_table = slm.get_input_embeddings().float().requires_grad_(False)
+    return data, emb_table, tok, meta
 
 
 class Split(NamedTuple):
@@ -367,9 +371,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     # Before any work: where the router goes (beside --out); load_features reads meta.json first.
     r2r.check_writable(os.path.dirname(os.path.abspath(args.out)), "out")
-    data, slm, tok, meta = load_features(args.labels, args.device)
-    # The SLM's own embedding table, frozen.
-    emb_table = slm.get_input_embeddings().float().requires_grad_(False)
+    data, emb_table, tok, meta = load_features(args.labels, args.device)
     repeats = len(data.prompt_id.unique()) - len(data.prompt_hash.unique())
     r2r.status(f"{repeats} duplicate prompts (the same text after whitespace normalisation)")
     split = split_by_prompt(data.prompt_hash, args.val_fraction, args.test_fraction, args.seed)

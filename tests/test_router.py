@@ -2,10 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
 from test_label import LLM_NEXT, SLM_NEXT, bigram_model
 
 import label
@@ -182,3 +184,34 @@ def test_labels_in_the_old_format_are_refused(tmp_path, tok):
         train_router.main(["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "r")])
     with pytest.raises(r2r.R2RError, match="relabel with label.py"):
         label.main(["--limit", "3", "--out", str(tmp_path / "labels")])
+
+
+def test_the_embedding_table_of_a_bf16_slm_is_its_exact_upcast(tmp_path, tok):
+    """train_router.py loads the SLM in its checkpoint's dtype and keeps only its input embedding
+    table, in float32: the values of a float32 load, at half its memory (a subprocess's peak)."""
+    folder = str(tmp_path / "labels")
+    small = write_labels(folder, tok, n_prompts=20)
+    # The same embedding table in a SLM of 201M parameters, saved in bf16 (402 MB; 805 MB float32).
+    config = dict(small.config.to_dict(), intermediate_size=2**21)
+    big = type(small)(type(small.config).from_dict(config))
+    big.get_input_embeddings().weight.data.copy_(small.get_input_embeddings().weight)
+    big.to(torch.bfloat16).save_pretrained(os.path.join(folder, "slm"))
+    fp32_bytes = 4 * r2r.n_params(big)
+    del big
+    want = r2r.load_model(os.path.join(folder, "slm")).get_input_embeddings().weight
+    emb_table = train_router.load_features(folder, "cpu")[1]
+    assert emb_table.weight.dtype == torch.float32 and not emb_table.weight.requires_grad
+    assert torch.equal(emb_table.weight, want)
+    # VmHWM, not ru_maxrss, which survives exec and so would count this pytest process.
+    code = (
+        "import re, sys, train_router\n"
+        "def kib(key):\n"
+        "    return int(re.search(key + r':\\s*(\\d+)', open('/proc/self/status').read())[1])\n"
+        "before = kib('VmRSS')\n"
+        "train_router.load_features(sys.argv[1], 'cpu')\n"
+        "print(1024 * (kib('VmHWM') - before))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, folder], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert int(run.stdout) < 0.6 * fp32_bytes, (int(run.stdout), fp32_bytes)
