@@ -28,7 +28,6 @@ B (r2r.decode_batch), and the steps that called the LLM: 1-(1-s)^B at s.
 
 import gc
 import os
-import resource
 import statistics
 import time
 
@@ -147,7 +146,7 @@ def weight_bytes(model):
 def run_engine(slm, llm, tok, router, prompts, kind, args, **kw):
     """SLM only, LLM only and R2R through one engine, --repeats times: per mode its traces,
     ms per token of each run and seconds of each decode's first step (the prefill);
-    capture seconds; peak bytes."""
+    capture seconds; peak GiB."""
     max_tokens = max(map(len, prompts)) + args.max_new_tokens
     engine = fast.pick_engine(slm, llm, tok, kind=kind, max_tokens=max_tokens)
     # Both engines route with the same draws.
@@ -175,11 +174,7 @@ def run_engine(slm, llm, tok, router, prompts, kind, args, **kw):
             traces[mode] += [t for t, _, _ in runs]
             prefill[mode] += [first for _, first, _ in runs]
         r2r.status(f"  {kind}: " + ", ".join(f"{m} {ms[m][-1]:.2f}" for m in MODES) + " ms/token")
-    if slm.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(slm.device)
-    else:
-        # The process's peak resident set (Linux: KiB).
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = r2r.peak_memory_gib(slm.device)
     return traces, ms, prefill, getattr(engine, "setup_seconds", 0.0), peak
 
 
@@ -250,7 +245,7 @@ def engine_table(slm, llm, tok, router, prompts, args, bw, **kw):
             print(
                 f"| {engine} | {mode} | {spread(ms[mode])} | {floor[mode]:.2f} "
                 f"| {m / floor[mode]:.2f} | {speedups} | {spread(prefill[mode], 1e3)} "
-                f"| {setup:.0f} | {peak / 2**30:.1f} / {weights / 2**30:.1f} |"
+                f"| {setup:.0f} | {peak:.1f} / {weights / 2**30:.1f} |"
             )
     # What the parts predict: an SLM step per token, plus an LLM call for a share s of them (a
     # catch-up of a few tokens costs about one LLM step: both read every weight once).
@@ -414,7 +409,7 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
             f"{statistics.median(speed['r2r']) / statistics.median(speed['llm']):.2f}x |"
         )
     if slm.device.type == "cuda":
-        gib = torch.cuda.max_memory_allocated(slm.device) / 2**30
+        gib = r2r.peak_memory_gib(slm.device)
         print(f"{torch.cuda.get_device_name(slm.device)}: peak memory {gib:.1f} GiB")
 
 
