@@ -266,6 +266,18 @@ def show(prompt, trace, tok, s, args, stream):
     )
 
 
+def note_sampling(temperature, *models):
+    """A note, once, where sampling differs from the models' own: r2r applies lm_head itself,
+    without a config's final_logit_softcapping (Gemma 2). Greedy is alike: tanh keeps the order."""
+    for m in models:
+        if temperature > 0 and getattr(m.config.get_text_config(), "final_logit_softcapping", 0):
+            r2r.status(
+                f"note: {m.name_or_path} soft-caps its logits and r2r does not, so sampling draws "
+                "from other probabilities than the model's (greedy decoding is unaffected)"
+            )
+            return
+
+
 def main(argv=None):
     args = parse_args(argv)
     prompts = list(args.prompt)
@@ -279,7 +291,7 @@ def main(argv=None):
     device, dtype = r2r.pick_device(args.device, args.dtype)
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     router = r2r.load_router(args.router, slm, tok, device) if args.mode == "r2r" else None
-    r2r.note_sampling(args.temperature, slm, llm)
+    note_sampling(args.temperature, slm, llm)
     p_slm, p_llm = r2r.n_params(slm), r2r.n_params(llm)
     ids = [r2r.encode_prompt(tok, prompt, chat=not args.no_chat_template) for prompt in prompts]
     # Refuses, before decoding, a prompt with no room in the models' positions.

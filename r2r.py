@@ -960,18 +960,6 @@ def load_pair(slm_path, llm_path, device="cpu", dtype=torch.float32, *, device_m
     return slm, llm, tok
 
 
-def note_sampling(temperature, *models):
-    """A note, once, where sampling differs from the models' own: r2r applies lm_head itself,
-    without a config's final_logit_softcapping (Gemma 2). Greedy is alike: tanh keeps the order."""
-    for m in models:
-        if temperature > 0 and getattr(m.config.get_text_config(), "final_logit_softcapping", 0):
-            status(
-                f"note: {m.name_or_path} soft-caps its logits and r2r does not, so sampling draws "
-                "from other probabilities than the model's (greedy decoding is unaffected)"
-            )
-            return
-
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 

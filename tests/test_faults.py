@@ -549,10 +549,10 @@ def test_soft_capped_logits_are_noted_when_sampling_and_greedy_is_unaffected(tok
     assert not torch.allclose(own.softmax(-1), mine.softmax(-1), atol=1e-3)
     assert torch.equal(own.argmax(-1), mine.argmax(-1))
     llama = tiny_model("llama", tok, 1, 32)
-    r2r.note_sampling(0.0, llama, gemma)
-    r2r.note_sampling(0.7, llama, llama)
+    generate.note_sampling(0.0, llama, gemma)
+    generate.note_sampling(0.7, llama, llama)
     assert capsys.readouterr().err == ""
-    r2r.note_sampling(0.7, llama, gemma)
+    generate.note_sampling(0.7, llama, gemma)
     assert capsys.readouterr().err.count("soft-caps its logits") == 1
 
 
