@@ -41,7 +41,8 @@ PAPER_SHARES = {"identical": 0.89, "neutral": 0.06, "divergent": 0.05}
 SENTENCE_END = re.compile(r"[.!?;\n]")
 # Step 4's verdicts: label 1 = divergent (R2R Stage 1); None, unverifiable, drops the position.
 VERDICTS = {0: "neutral", 1: "divergent", None: None}
-# Step 2 holds at most this many logits at once (32 MiB in bf16), whatever the vocabulary.
+# Step 2 holds at most this many logits at once (32 MiB in bf16), whatever the vocabulary: all
+# B x T x V would take 83 GB at 64 x 4.3K x 152K.
 SLICE_LOGITS = 2**24
 
 # ----------------------------------------------------------------------------- the steps
@@ -62,9 +63,8 @@ def greedy_batch(model, tok, prompts, max_new_tokens, chat=True, *, engine=None,
     rows = [r2r.encode_prompt(tok, p, chat, thinking=thinking) for p in prompts]
     engine = engine or r2r.EagerEngine(None, model, tok)
     batch = r2r.decode_batch(engine, None, rows, max_new_tokens=max_new_tokens, mode="llm")
-    eos = engine.limits.eos
     return [
-        Reply(r, t.tokens, bool(t.tokens) and t.tokens[-1] in eos)
+        Reply(r, t.tokens, bool(t.tokens) and t.tokens[-1] in engine.limits.eos)
         for r, t in zip(rows, batch.traces)
     ]
 
@@ -99,9 +99,7 @@ def pad_right(seqs, device):
 @torch.no_grad()
 def slm_positions(slm, tok, seqs, starts, k, dtype):
     """Step 2, teacher forcing: one batched, right-padded SLM pass -> Positions of each response,
-    the features in the shards' dtype.
-    lm_head runs over slices of SLICE_LOGITS // V positions: B x T x V logits would take 83 GB at
-    64 x 4.3K x 152K."""
+    the features in the shards' dtype; lm_head runs over SLICE_LOGITS // V positions at a time."""
     ids, mask = pad_right(seqs, slm.device)
     # (B, T, H); the logits follow in slices.
     hidden = r2r.forward(slm, ids, None, last=True, attention_mask=mask)[0]
@@ -134,20 +132,20 @@ def branch_batches(branches, max_new, budget):
     yield from [batch] if batch else []
 
 
-def prefix_cache(full, batch):
+def prefix_cache(full, batch, device):
     """A DynamicCache of each Branch's prefix, cut from the teacher-forced pass's cache `full`
-    and left-padded to the longest -> (cache, mask (B, L))."""
+    and left-padded to the longest -> (cache, mask (B, L) on `device`)."""
     L = max(b.prefix for b in batch)
+
+    def padded(x):
+        # (B, heads, L, head_dim), left-padded.
+        return torch.stack([F.pad(x[b.seq, :, : b.prefix], (0, 0, L - b.prefix, 0)) for b in batch])
+
     cache = DynamicCache()
     for layer, kv in enumerate(full.layers):
-        # (B, heads, L, head_dim), left-padded.
-        k, v = (
-            [F.pad(x[b.seq : b.seq + 1, :, : b.prefix], (0, 0, L - b.prefix, 0)) for b in batch]
-            for x in (kv.keys, kv.values)
-        )
-        cache.update(torch.cat(k), torch.cat(v), layer)
-    mask = torch.tensor([[0] * (L - b.prefix) + [1] * b.prefix for b in batch])  # (B, L)
-    return cache, mask
+        cache.update(padded(kv.keys), padded(kv.values), layer)
+    mask = [[0] * (L - b.prefix) + [1] * b.prefix for b in batch]
+    return cache, torch.tensor(mask, device=device)  # (B, L)
 
 
 @torch.no_grad()
@@ -160,8 +158,7 @@ def continue_branches(llm, tok, seqs, branches, stop, max_new, budget, *, positi
     llm.base_model(input_ids=ids, attention_mask=mask, cache=full, use_cache=True)
     results = []
     for batch in branch_batches(branches, max_new, budget):
-        cache, mask = prefix_cache(full, batch)
-        mask = mask.to(llm.device)
+        cache, mask = prefix_cache(full, batch, llm.device)
         last = torch.tensor([[b.token] for b in batch], device=llm.device)  # (B, 1)
         # (B, 1): each branch's true position.
         pos = torch.tensor([[b.prefix] for b in batch], device=llm.device)
@@ -194,13 +191,6 @@ def verify_by_answer(tok, response, j, branch):
     if r2r.final_answer(ref) is None:
         return None
     return int(not r2r.same_answer(alt, ref))
-
-
-class Judge(NamedTuple):
-    """A verifier model and its tokenizer."""
-
-    model: torch.nn.Module
-    tok: object
 
 
 # The authors' question (R2R Stage 1), in our words.
@@ -247,22 +237,20 @@ def parse_judge(reply):
     return int(m[-1]) if m else None
 
 
-def judge_all(judge, prompts, batch_size):
-    """The judge's verdicts on its questions, batch_size at a time. Thinking is off: a thinking
+def judge_all(model, tok, prompts, batch_size):
+    """A judge model's verdicts on its questions, batch_size at a time. Thinking is off: a thinking
     judge gives no verdict in 16 tokens."""
     replies = []
     for a in range(0, len(prompts), batch_size):
-        chunk = prompts[a : a + batch_size]
-        replies += greedy_batch(judge.model, judge.tok, chunk, 16, thinking=False)
-    return [parse_judge(judge.tok.decode(reply.response_ids)) for reply in replies]
+        replies += greedy_batch(model, tok, prompts[a : a + batch_size], 16, thinking=False)
+    return [parse_judge(tok.decode(reply.response_ids)) for reply in replies]
 
 
 # ----------------------------------------------------------------------------- one chunk
 
 
 class Steps:
-    """Per step of labeling: its seconds in this run and its peak memory (reset between steps on
-    a GPU)."""
+    """Each labeling step's seconds in this run and peak memory (reset between steps on a GPU)."""
 
     NAMES = ("1 LLM responses", "2 SLM features", "3 continuations", "4 verifier")
 
@@ -282,9 +270,8 @@ class Steps:
 
 
 def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
-    """The four steps for a chunk of prompts, within the engine's stop ids and positions ->
-    (dataset columns, drop counts)."""
-    stats = collections.Counter()
+    """The four steps for a chunk of prompts, within the engine's stop ids and positions, verified
+    by final answers or by `judge` (questions -> verdicts) -> (dataset columns, drop counts)."""
     steps.t = time.perf_counter()
     # 1. The LLM's greedy responses; only finished ones are labeled, as the authors do.
     prompts = [r["prompt"] for r in rows]
@@ -292,7 +279,7 @@ def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
     replies = greedy_batch(llm, tok, prompts, args.max_new_tokens, chat, engine=engine)
     kept = [i for i, r in enumerate(replies) if r.finished or args.keep_unfinished]
     keep = [replies[i] for i in kept]
-    stats["unfinished responses"] += len(rows) - len(keep)
+    stats = {"unfinished responses": len(rows) - len(keep)}
     steps.done(0)
     if not keep:
         return {}, stats
@@ -331,8 +318,8 @@ def label_chunk(slm, llm, tok, rows, args, *, judge, engine, ends, steps):
             judge_prompt(*sentence_view(tok, keep[b].response_ids, j, branch, ends))
             for (b, j), (branch, _) in zip(at, cont)
         ]
-        verdicts = judge_all(judge, questions, args.judge_batch_size)
-    stats["verifier drops"] += verdicts.count(None)
+        verdicts = judge(questions)
+    stats["verifier drops"] = verdicts.count(None)
     kinds = {bj: VERDICTS[v] for bj, v in zip(at, verdicts)}
     steps.done(3)
     out = collections.defaultdict(list)
@@ -456,8 +443,6 @@ def main(argv=None):
     slm, llm, tok = r2r.load_pair(args.slm, args.llm, device, dtype, device_map=args.device_map)
     # decode's stop ids and the models' positions: every greedy path alike.
     engine = r2r.EagerEngine(slm, llm, tok)
-    positions = engine.limits.positions
-    # Prompts with no room are refused now, not in the middle of the run.
     chat = not args.no_chat_template
     # Llama 3.1's template writes today's date (strftime_now) into every prompt.
     if chat and re.search("strftime_now|date_string", tok.chat_template or ""):
@@ -465,6 +450,8 @@ def main(argv=None):
             "note: the chat template writes today's date into every prompt, so chunks labeled on "
             "another day (a resumed run) saw other prompts"
         )
+    # Prompts with no room are refused now, not in the middle of the run.
+    positions = engine.limits.positions
     full = [
         r["id"] + 1 for r in rows if len(r2r.encode_prompt(tok, r["prompt"], chat)) >= positions
     ]
@@ -486,12 +473,12 @@ def main(argv=None):
     judge = None
     if args.verifier != "answer":
         model = r2r.load_model(args.verifier, device, dtype, device_map=args.device_map)
-        judge = Judge(model, r2r.load_tokenizer(args.verifier))
+        judge_tok = r2r.load_tokenizer(args.verifier)
+        judge = functools.partial(judge_all, model, judge_tok, batch_size=args.judge_batch_size)
     ends = {i for i in range(len(tok)) if SENTENCE_END.search(tok.decode([i]))} | engine.limits.eos
     steps = Steps(device)
-    for c in range(0, len(rows), args.batch_size):
+    for index, c in enumerate(range(0, len(rows), args.batch_size)):
         chunk = rows[c : c + args.batch_size]
-        index = c // args.batch_size
         path = os.path.join(shards, shard_name(index, chunk))
         # Another rank's chunk (every world size shares them alike), or labeled already.
         if index % ranks.num_processes != ranks.process_index or os.path.exists(path):
@@ -544,7 +531,7 @@ def summarize(folder, tok, steps):
         f"{steps.NAMES[i]} {v:.0f}s {steps.peak[i]:.2f} GiB"
         for i, v in sorted(steps.seconds.items())
     )
-    print(f"  time, peak memory per step (this run): {per_step}")
+    print(f"  time, peak memory per step (this run): {per_step or 'none, every chunk was done'}")
 
 
 if __name__ == "__main__":

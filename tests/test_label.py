@@ -180,7 +180,7 @@ def test_divergent_rows_reproduce_with_model_generate(demo_pair, tmp_path):
     assert checked["neutral"] > 0 and checked["divergent"] > 0, checked
 
 
-def test_kill_and_resume_equals_one_run(demo_pair, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_one_run(demo_pair, tmp_path, monkeypatch, capsys):
     args = ["--limit", "12", "--batch-size", "4"]
     whole = run(args + ["--out", str(tmp_path / "whole")])
     real, calls = label.label_chunk, []
@@ -199,6 +199,10 @@ def test_kill_and_resume_equals_one_run(demo_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(label, "label_chunk", real)
     resumed = run(args + ["--out", str(tmp_path / "resumed")])
     assert resumed.to_dict() == whole.to_dict()
+    # Once more, with every chunk done: nothing to time, and it says so.
+    capsys.readouterr()
+    run(args + ["--out", str(tmp_path / "resumed")])
+    assert "per step (this run): none, every chunk was done" in capsys.readouterr().out
     with pytest.raises(r2r.R2RError, match="other arguments"):
         run(["--limit", "8", "--out", str(tmp_path / "resumed")])
 
