@@ -250,6 +250,15 @@ def test_bad_request_gets_an_error_object_and_the_server_goes_on(server, client,
     assert ask(client, PROMPT, max_tokens=4)[0] == alone(PROMPT, 4)[1]
 
 
+def test_a_nan_temperature_is_called_not_finite(server):
+    """Not "less than or equal to 2", which NaN fails like every bound."""
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    for field in ("temperature", "top_p"):
+        body = json.dumps(dict(GOOD, **{field: float("nan")})).encode()
+        r = httpx.post(server + "/chat/completions", content=body, headers=headers)
+        assert r.status_code == 422 and "finite number" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_a_bad_or_missing_key_is_refused(server, client, alone, key):
     headers = {"authorization": f"Bearer {key}"} if key else {}
