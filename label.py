@@ -462,9 +462,10 @@ def main(argv=None):
         )
     args.top_k = min(args.top_k, len(tok))
     # meta.json: the arguments that change a row, the dtype, the SLM's fingerprint, the format.
-    unchanging = ("out", "device", "device_map", "branch_tokens", "judge_batch_size", "dtype")
+    # Not --limit: a larger one adds chunks to the folder, as the shards are named by their rows.
+    unchanging = ("out", "device", "device_map", "branch_tokens", "judge_batch_size", "limit")
     meta = {k: v for k, v in vars(args).items() if k not in unchanging}
-    meta = dict(meta, n=len(rows), dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))
+    meta = dict(meta, dtype=str(dtype), fingerprint=r2r.fingerprint(slm, tok))
     meta["format"] = r2r.LABEL_FORMAT
     meta = json.loads(json.dumps(meta))
     shards = os.path.join(args.out, "shards")
@@ -486,7 +487,9 @@ def main(argv=None):
         # This chunk's shard of rows since edited, or a write that was killed (a .tmp).
         for stale in glob.glob(os.path.join(glob.escape(shards), f"{index:05d}[-.]*")):
             if not stale.endswith(".tmp"):
-                r2r.status(f"note: rows of {stale} were edited: labeling them again")
+                r2r.status(
+                    f"note: rows of {stale} changed (edited, or --limit): labeling them again"
+                )
             shutil.rmtree(stale)
         out, stats = label_chunk(
             slm, llm, tok, chunk, args, judge=judge, engine=engine, ends=ends, steps=steps

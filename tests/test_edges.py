@@ -848,3 +848,22 @@ def test_label_log_has_no_escape_codes(planted, tmp_path, capsys):
         "labeled 2/3 prompts",
         "labeled 3/3 prompts",
     ]
+
+
+def test_a_larger_limit_grows_a_label_folder(tmp_path, monkeypatch):
+    """ "Label more prompts": a rerun with a larger --limit labels only the new chunks, and the
+    folder then equals one labeled at that limit from the start."""
+    args = ["--batch-size", "2", "--out", str(tmp_path / "grown")]
+    label.main(args + ["--limit", "2"])
+    real, chunks = label.label_chunk, []
+
+    def counted(slm, llm, tok, chunk, *a, **kw):
+        chunks.append([r["id"] for r in chunk])
+        return real(slm, llm, tok, chunk, *a, **kw)
+
+    monkeypatch.setattr(label, "label_chunk", counted)
+    label.main(args + ["--limit", "4"])
+    assert chunks == [[2, 3]]
+    label.main(["--batch-size", "2", "--limit", "4", "--out", str(tmp_path / "fresh")])
+    grown, fresh = (r2r.load_labels(str(tmp_path / name))[1] for name in ("grown", "fresh"))
+    assert grown.to_dict() == fresh.to_dict() and set(fresh["prompt_id"]) == {0, 1, 2, 3}
