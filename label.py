@@ -412,6 +412,8 @@ def check_meta(meta, meta_file, out, rank):
     run writes meta.json, atomically, every rank the same, before any shard."""
     old = r2r.read_json(meta_file, "fingerprint") if meta_file.exists() else meta
     r2r.check_label_format(old, out)
+    # Folders from before --limit could grow kept it, and the rows' count, in meta.json.
+    old = {k: v for k, v in old.items() if k not in ("limit", "n")}
     if old != meta:
         keys = [k for k in meta | old if old.get(k) != meta.get(k)]
         changed = "; ".join(f"{k} {old.get(k)!r} -> {meta.get(k)!r}" for k in keys)
