@@ -179,17 +179,17 @@ class Worker:
                 self.step(job_of[id(trace)], trace, final=True)
 
         key = jobs[0].key  # temperature and top_p
-        gens = [torch.Generator(self.engine.llm.device).manual_seed(j.seed) for j in jobs]
-        kw = dict(generators=gens, eos=set(), on_step=on_step, stop=stop, traces=traces)
         prompts = [j.ids for j in jobs]
+        # All of it: an error that escaped would end the worker, and every later request wait.
         try:
+            gens = [torch.Generator(self.engine.llm.device).manual_seed(j.seed) for j in jobs]
+            kw = dict(generators=gens, eos=set(), on_step=on_step, stop=stop, traces=traces)
             r2r.decode_batch(self.engine, self.router, prompts, max_new_tokens=longest, **kw, **key)
+            for job, trace in zip(jobs, traces):
+                self.step(job, trace, final=True)
         except Exception as e:  # the server goes on; this batch's clients hear why
             for job in jobs:
                 job.push(error=f"decoding failed ({type(e).__name__}: {str(e).splitlines()[0]})")
-            return
-        for job, trace in zip(jobs, traces):
-            self.step(job, trace, final=True)
 
     def step(self, job, trace, final):
         """After a commit: the job's new text to its client. True where its row ends."""
@@ -351,7 +351,7 @@ def main(argv=None):
     router = r2r.load_router(args.router, slm, tok, device)
     paths = (args.slm, args.llm, args.router)
     engine = r2r.EagerEngine(slm, llm, tok)
-    model = "+".join(os.path.basename(os.path.normpath(p)) for p in paths)  # as r2r.fingerprint
+    model = "+".join(os.path.basename(os.path.normpath(p)) for p in paths)  # "slm+llm+router"
     # The worker's own tokenizer: one that the event loop uses too can raise "Already borrowed".
     worker = Worker(engine, router, r2r.load_tokenizer(args.slm), args)
     r2r.status(f"engine eager; serving {model} at http://{args.host}:{sock.getsockname()[1]}/v1")
