@@ -219,12 +219,11 @@ def engine_table(slm, llm, tok, router, prompts, args, bw, **kw):
     prefills, a prediction, agreement."""
     floor = {"slm": weight_bytes(slm) / bw * 1e3, "llm": weight_bytes(llm) / bw * 1e3}
     runs = {e: run_engine(slm, llm, tok, router, prompts, e, args, **kw) for e in args.engines}
-    traces = runs[args.engines[-1]][0]["r2r"]
-    share = sum(sum(t.from_llm) for t in traces) / sum(len(t.tokens) for t in traces)
+    joined = r2r.Trace.join(runs[args.engines[-1]][0]["r2r"])
+    share, mean_catch_up = joined.llm_share, joined.mean_catch_up
     floor["r2r"] = floor["slm"] + share * floor["llm"]
     weights = sum(p.numel() * p.element_size() for m in (slm, llm) for p in m.parameters())
     context = max(map(len, prompts)) + args.max_new_tokens
-    mean_catch_up = r2r.Trace.join(traces).mean_catch_up
     peak_of = "CUDA" if slm.device.type == "cuda" else "process RSS"
     print(
         f"bandwidth {bw / 1e12:.3f} TB/s (a device copy); context {context} tokens; "
@@ -395,7 +394,7 @@ def batch_table(slm, llm, tok, router, prompts, args, **kw):
             n = sum(len(t.tokens) for t in traces)
             speed[mode].append(n / sum(run.seconds for run in runs))
         # The LLM share: R2R's, the last mode run.
-        s = sum(sum(t.from_llm) for t in traces) / n
+        s = r2r.Trace.join(traces).llm_share
         steps = sum(run.steps for run in runs)
         # The formula at each step's own batch: rows that reached EOS have left it.
         live = [
@@ -549,13 +548,20 @@ def serve_table(args):
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")]
     cmd += ["--port", "0", "--slm", args.slm, "--llm", args.llm, "--router", args.router]
     cmd += ["--max-batch-size", str(most), "--max-tokens", str(args.max_new_tokens)]
+    # The pair's own flags, so the server runs as asked.
+    for flag in ("device", "dtype", "device_map"):
+        cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)] if getattr(args, flag) else []
+    cmd += ["--no-chat-template"] if args.no_chat_template else []
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         try:
             # serve.py prints its address once it listens.
             while not (found := re.search(r"at (http://\S+/v1)", log.seek(0) or log.read())):
                 if server.poll() is not None:
-                    raise r2r.R2RError(f"serve.py stopped: {log.read().strip()}")
+                    # Its last line says why.
+                    log.seek(0)
+                    why = (log.read().strip().splitlines() or ["no output"])[-1]
+                    raise r2r.R2RError(f"serve.py stopped: {why}")
                 time.sleep(0.2)
             client = openai.OpenAI(base_url=found.group(1), api_key="-", max_retries=0)
 
