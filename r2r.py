@@ -898,8 +898,9 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
         return peak / 2**30
-    # Linux reports KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # Linux reports KiB, macOS (where mps runs) bytes.
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**30
 
 
 def elapsed(t0, device):
