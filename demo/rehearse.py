@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -244,6 +245,8 @@ def data_path(args):
     slm = random_model(args.slm, tok, args, seed=0)
     slm.save_pretrained(f"{work}/slm")
     tok.save_pretrained(f"{work}/slm")
+    # A rerun with the same --work writes its labels anew.
+    shutil.rmtree(f"{work}/labels", ignore_errors=True)
     os.makedirs(f"{work}/labels/shards")
     meta = dict(slm=f"{work}/slm", fingerprint=r2r.fingerprint(slm, tok), feature_dtype="float16")
     with open(f"{work}/labels/meta.json", "w") as f:
@@ -261,9 +264,11 @@ def data_path(args):
         topk = torch.randn(n, 100, generator=g).sort(descending=True).values.half()  # (n, k)
         ids = ((a + torch.arange(n)) // per_prompt).tolist()
         tokens = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        # A hash per prompt, not per position.
+        keys = {i: label.prompt_key(f"prompt {i}") for i in set(ids)}
         columns = dict(
             prompt_id=ids,
-            prompt_hash=[label.prompt_key(f"prompt {i}") for i in ids],
+            prompt_hash=[keys[i] for i in ids],
             position=((a + torch.arange(n)) % per_prompt).tolist(),
             slm_token=tokens,
             llm_token=tokens,
@@ -280,21 +285,15 @@ def data_path(args):
             f"{time.perf_counter() - made:.1f}s; peak memory {peak_gib(device):.2f} GiB",
             flush=True,
         )
-    train = [
-        "--labels",
-        f"{work}/labels",
-        "--out",
-        f"{work}/router",
-        "--device",
-        args.device,
-        "--width",
-        str(args.router_width),
-        "--blocks",
-        str(args.router_blocks),
-        "--epochs",
-        "1",
-    ]
+    train = train_flags(args, work) + ["--epochs", "1"]
     return {"train": timed_step("train", train_router.main, train, device)}
+
+
+def train_flags(args, work):
+    """train_router.py's flags for the labels in `work` and a router of --router-width x
+    --router-blocks beside them."""
+    flags = ["--labels", f"{work}/labels", "--out", f"{work}/router", "--device", args.device]
+    return flags + ["--width", str(args.router_width), "--blocks", str(args.router_blocks)]
 
 
 def main(argv=None):
@@ -409,26 +408,8 @@ def main(argv=None):
         ),
         "train": (
             train_router.main,
-            [
-                "--labels",
-                f"{w}/labels",
-                "--out",
-                f"{w}/router",
-                "--device",
-                args.device,
-                "--width",
-                str(args.router_width),
-                "--blocks",
-                str(args.router_blocks),
-                "--lr",
-                "5e-5",
-                "--epochs",
-                "5",
-                "--val-fraction",
-                "0.3",
-                "--test-fraction",
-                "0.3",
-            ],
+            train_flags(args, w)
+            + ["--lr", "5e-5", "--epochs", "5", "--val-fraction", "0.3", "--test-fraction", "0.3"],
         ),
         "generate": (
             generate.main,
