@@ -255,8 +255,9 @@ def measure(router, emb_table, data, y, idx, threshold, seed):
 def save_router(router, folder, report=None):
     """router.save_pretrained(folder) and its training report (training.json) as a whole: written
     to a sibling folder, then swapped in (the old one renamed aside, removed last), so a reader
-    never sees new weights beside an old config. Its files get the modes of any file the umask
-    allows (safetensors writes 0600)."""
+    never sees new weights beside an old config; not r2r.atomic, whose os.replace cannot replace a
+    folder that holds files. Its files get the modes of any file the umask allows (safetensors
+    writes 0600)."""
     folder = os.path.normpath(folder)
     tmp = folder + ".tmp"
     old = folder + ".old"
